@@ -53,3 +53,71 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
         raise ConfigArgError(
             f"config argument {key}={text!r}: expected a {type(default).__name__}") from e
   return ml_collections.ConfigDict(values)
+
+
+def train_config() -> ml_collections.ConfigDict:
+  """The `config.train` section: optimisation, loss, logging, checkpoints (owned by trainer.py)."""
+  config = ml_collections.ConfigDict()
+  config.batch_size = 100  # GLOBAL batch (query-passage pairs); per-host/device sizes derived
+  config.num_steps = 10_000  # total optimizer steps
+  config.learning_rate = 3e-5  # AdamW peak learning rate (paper)
+  config.weight_decay = 0.01  # AdamW decoupled weight decay, not on biases/LayerNorm (paper)
+  config.warmup_steps = 1000  # linear warmup, then linear decay to 0
+  config.grad_clip_norm = 1.0  # global-norm gradient clipping (0 = off)
+  config.temperature = 0.05  # InfoNCE temperature (scale 1/0.05, the paper leaves it open)
+  config.learnable_temperature = False
+  config.symmetric_loss = False  # add the passage -> query term
+  config.mask_same_id = True  # rows sharing a question id are never negatives of each other
+  config.gradcache_chunk_size = 0  # >0: GradCache re-encoding in chunks of this many rows
+  config.log_every_steps = 50
+  config.eval_every_steps = 500  # validation loss (and best checkpoint)
+  config.checkpoint_every_steps = 500
+  config.keep_checkpoints = 3
+  return config
+
+
+def mesh_config() -> list:
+  """Device mesh axes and sizes; -1 takes the remaining devices."""
+  return [("data", -1), ("fsdp", 1)]
+
+
+# Arguments every config file accepts after the ":" of --config=FILE:ARG.
+COMMON_ARGS = dict(
+    runlocal=False,  # tiny encoder + synthetic data: the whole path in a few CPU minutes
+    alpha=-1.0,  # override data.alpha (-1 = keep the file's value)
+    steps=0,  # override train.num_steps (0 = keep)
+    batch_size=0,  # override train.batch_size (0 = keep)
+)
+
+
+def build_config(backbone: str, batch_type: str, arg: str | None = None,
+                 **extra_args) -> ml_collections.ConfigDict:
+  """Assembles a full experiment config; configs/*.py are thin calls of this."""
+  # Imported here so that `import hybrid_jax.config_lib` stays light.
+  from hybrid_jax.data import defaults as data_defaults  # pylint: disable=g-import-not-at-top
+  from hybrid_jax.eval import defaults as eval_defaults  # pylint: disable=g-import-not-at-top
+  from hybrid_jax.models import presets  # pylint: disable=g-import-not-at-top
+
+  args = parse_arg(arg, **COMMON_ARGS, **extra_args)
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # parameter init and dropout; data order has its own seed (data.seed)
+  config.model = presets.model_config("tiny" if args.runlocal else backbone)
+  config.data = data_defaults.data_config(batch_type)
+  config.train = train_config()
+  config.mesh = mesh_config()
+  config.evals = eval_defaults.evals_config()
+  if args.runlocal:
+    config.train.batch_size = 32
+    config.train.num_steps = 300
+    config.train.warmup_steps = 30
+    config.train.learning_rate = 1e-3
+    config.train.log_every_steps = 25
+    config.train.eval_every_steps = 100
+    config.train.checkpoint_every_steps = 100
+  if args.alpha >= 0:
+    config.data.alpha = args.alpha
+  if args.steps:
+    config.train.num_steps = args.steps
+  if args.batch_size:
+    config.train.batch_size = args.batch_size
+  return config

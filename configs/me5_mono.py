@@ -1,0 +1,11 @@
+"""me5-small trained with mono batches (see ../shared/PAPER.md, "Batch sampling").
+
+    python -m hybrid_jax.train --config=configs/me5_mono.py --workdir=DIR
+    python -m hybrid_jax.train --config=configs/me5_mono.py:runlocal --workdir=/tmp/demo
+"""
+
+from hybrid_jax import config_lib
+
+
+def get_config(arg=None):
+  return config_lib.build_config(backbone="me5-small", batch_type="mono", arg=arg)
