@@ -1,8 +1,36 @@
-"""The `config.evals` section: evaluators run during and after training (owned by hybrid_jax/eval/)."""
+"""The `config.evals` section: evaluators run during and after training (owned by hybrid_jax/eval/).
+
+Each entry is name -> spec, built by `hybrid_jax.eval.evaluators.build_evaluators`:
+  type          "lareqa" (XQuAD-R / MLQA-R directory) or "beir" (MIRACL-style BEIR directory)
+  dataset       lareqa: "xquad-r" | "mlqa-r"
+  data_dir      "" = $HYBRID_JAX_DATA/<dataset> (lareqa.default_data_root()); beir: required
+  languages     () = every <lang>.json in data_dir
+  every_steps   trainer: run every N steps (and at step 0 and at the end); 0 = at the end only
+  groups        language groups averaged in the summaries, e.g. languages unseen in training
+Query/passage prefixes come from config.data unless a spec sets query_prefix / passage_prefix.
+"""
 
 import ml_collections
 
+# Languages never seen in the paper's training data (PAPER.md, "Training recipe").
+UNSEEN_LANGUAGES = ("el", "vi")
+
+
+def lareqa_spec(dataset: str, every_steps: int) -> ml_collections.ConfigDict:
+  spec = ml_collections.ConfigDict()
+  spec.type = "lareqa"
+  spec.dataset = dataset  # xquad-r | mlqa-r
+  spec.data_dir = ""  # "" = $HYBRID_JAX_DATA/<dataset>
+  spec.languages = ()  # () = all languages in data_dir
+  spec.candidate_context = False  # candidate = sentence (+ " " + paragraph when True)
+  spec.every_steps = every_steps  # 0 = only at the end of training
+  spec.groups = ml_collections.ConfigDict({"unseen": UNSEEN_LANGUAGES})
+  return spec
+
 
 def evals_config() -> ml_collections.ConfigDict:
-  """Name -> evaluator spec. Empty until the evaluator fills it."""
-  return ml_collections.ConfigDict()
+  """Name -> evaluator spec: the full XQuAD-R grid periodically, MLQA-R at the end."""
+  config = ml_collections.ConfigDict()
+  config.xquad_r = lareqa_spec("xquad-r", every_steps=2000)
+  config.mlqa_r = lareqa_spec("mlqa-r", every_steps=0)
+  return config

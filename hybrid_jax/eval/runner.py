@@ -1,0 +1,243 @@
+"""What `python -m hybrid_jax.evaluate` does: pick the source, encode (cached), score, report.
+
+Sources (exactly one): a Hugging Face model directory, a training workdir (checkpoint step), or
+a directory of precomputed embeddings (embeddings_io format). Datasets: XQuAD-R / MLQA-R (LAReQA
+directories) or one BEIR-format directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import sys
+import time
+from typing import Sequence
+
+import numpy as np
+
+from hybrid_jax.eval import embeddings_io
+from hybrid_jax.eval import evaluators as evaluators_lib
+from hybrid_jax.eval import report
+
+DATASETS = evaluators_lib.LAREQA_DATASETS + ("beir",)
+
+
+class EvaluateUsageError(ValueError):
+  """The command line asks for something inconsistent."""
+
+
+@dataclasses.dataclass
+class RunOptions:
+  """Everything one evaluation run needs (the command-line flags, minus parsing)."""
+  dataset: str = "xquad-r"
+  data_dir: str = ""
+  languages: Sequence[str] = ()
+  candidate_context: bool = False
+  beir_split: str = "test"
+  model: str = ""
+  workdir: str = ""
+  step: str = "best"
+  config: object = None  # ml_collections.ConfigDict of the experiment (prefixes, model section)
+  embeddings: str = ""
+  export_embeddings: str = ""
+  output_dir: str = ""
+  query_prefix: str | None = None  # None: config.data's, else "Query: "
+  passage_prefix: str | None = None
+  query_max_length: int = 64
+  passage_max_length: int = 0  # 0: 128 for sentences, 512 with context
+  batch_size: int = 128
+  pooling: str = ""  # "" = the model's own
+  dtype: str = "float32"
+  groups: dict = dataclasses.field(default_factory=dict)
+  normalize: bool = True
+  show_progress: bool = True
+
+
+def parse_groups(text: str) -> dict[str, tuple[str, ...]]:
+  """ "unseen=el+vi;low=th+hi" -> {"unseen": ("el", "vi"), "low": ("th", "hi")}."""
+  groups = {}
+  for item in (text or "").split(";"):
+    if not item.strip():
+      continue
+    name, eq, members = item.partition("=")
+    if not eq or not name.strip() or not members.strip():
+      raise EvaluateUsageError(f"--groups item {item!r}: expected NAME=lang+lang, e.g. unseen=el+vi")
+    groups[name.strip()] = tuple(m.strip() for m in members.split("+") if m.strip())
+  return groups
+
+
+def _source_name(opts: RunOptions) -> str:
+  for path in (opts.model, opts.workdir, opts.embeddings):
+    if path:
+      return os.path.basename(os.path.normpath(path)) or "run"
+  return "run"
+
+
+def default_output_dir(opts: RunOptions) -> str:
+  """<workdir>/eval/<dataset>-step<step> for a training run, else eval_results/<source>/<dataset>."""
+  dataset = opts.dataset if opts.dataset != "beir" else (
+      "beir-" + os.path.basename(os.path.normpath(opts.data_dir)))
+  if opts.candidate_context:
+    dataset += "-context"
+  if opts.workdir:
+    return os.path.join(opts.workdir, "eval", f"{dataset}-step{opts.step}")
+  return os.path.join("eval_results", _source_name(opts), dataset)
+
+
+def _validate(opts: RunOptions) -> None:
+  sources = [name for name, value in (("--model", opts.model), ("--workdir", opts.workdir),
+                                      ("--embeddings", opts.embeddings)) if value]
+  if len(sources) != 1:
+    raise EvaluateUsageError(
+        f"give exactly one source: --model=HF_DIR, --workdir=DIR or --embeddings=DIR "
+        f"(got {sources or 'none'})")
+  if opts.dataset not in DATASETS:
+    raise EvaluateUsageError(f"--dataset={opts.dataset!r}; expected one of {DATASETS}")
+  if opts.dataset == "beir" and not opts.data_dir:
+    raise EvaluateUsageError("--dataset=beir needs --data_dir (a directory with corpus.jsonl, "
+                             "queries.jsonl and qrels/<split>.tsv)")
+  if opts.dataset == "beir" and len(opts.languages) > 1:
+    raise EvaluateUsageError("--dataset=beir reads one directory (one language); --languages "
+                             "takes at most one code there, used as its label")
+  if opts.embeddings and opts.export_embeddings:
+    raise EvaluateUsageError("--export_embeddings writes embeddings computed by --model or "
+                             "--workdir; with --embeddings they already exist")
+
+
+def _prefixes(opts: RunOptions) -> tuple[str, str]:
+  data = getattr(opts.config, "data", None) if opts.config is not None else None
+  query = opts.query_prefix if opts.query_prefix is not None else (
+      data.query_prefix if data is not None else "Query: ")
+  passage = opts.passage_prefix if opts.passage_prefix is not None else (
+      data.passage_prefix if data is not None else "Passage: ")
+  return query, passage
+
+
+def make_evaluator(opts: RunOptions) -> evaluators_lib.GridEvaluator:
+  query_prefix, passage_prefix = _prefixes(opts)
+  common = dict(query_prefix=query_prefix, passage_prefix=passage_prefix, groups=opts.groups,
+                normalize=opts.normalize, show_progress=opts.show_progress)
+  if opts.dataset == "beir":
+    return evaluators_lib.BeirEvaluator(opts.data_dir, opts.beir_split,
+                                        opts.languages[0] if opts.languages else None, **common)
+  return evaluators_lib.LareqaEvaluator(opts.dataset, opts.data_dir, tuple(opts.languages),
+                                        opts.candidate_context, **common)
+
+
+def _file_stamp(directory: str) -> dict:
+  """Sizes and modification times of a model directory's files: the cache key of its outputs."""
+  stamp = {}
+  for name in sorted(os.listdir(directory)):
+    path = os.path.join(directory, name)
+    if os.path.isfile(path):
+      st = os.stat(path)
+      stamp[name] = [st.st_size, int(st.st_mtime)]
+  return stamp
+
+
+def _passage_max_length(opts: RunOptions) -> int:
+  return opts.passage_max_length or (512 if opts.candidate_context else 128)
+
+
+def _model_embedders(opts: RunOptions):
+  """(query embed_fn, passage embed_fn, cache key, description) for --model / --workdir."""
+  from hybrid_jax.models import inference  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(opts.dtype)
+  if dtype is None:
+    raise EvaluateUsageError(f"--dtype={opts.dtype!r}; expected float32 or bfloat16")
+  passage_len = _passage_max_length(opts)
+  if opts.model:
+    if not os.path.isdir(opts.model):
+      raise EvaluateUsageError(f"--model={opts.model!r} is not a directory; expected a Hugging "
+                               "Face model directory (config.json, model.safetensors, tokenizer.json)")
+    query_embedder = inference.TextEmbedder.from_pretrained(
+        opts.model, pooling=opts.pooling or None, batch_size=opts.batch_size,
+        max_length=opts.query_max_length, dtype=dtype)
+    key = {"model": os.path.abspath(opts.model), "files": _file_stamp(opts.model)}
+    description = f"model {opts.model}"
+  else:
+    query_embedder, key, description = _workdir_embedder(opts, dtype)
+  passage_embedder = inference.TextEmbedder(
+      query_embedder.config, query_embedder.params, query_embedder.tokenizer,
+      batch_size=opts.batch_size, max_length=passage_len, dtype=dtype)
+  key.update(pooling=opts.pooling, dtype=opts.dtype, query_max_length=opts.query_max_length,
+             passage_max_length=passage_len)
+
+  def embed_queries(texts, prefix):
+    return query_embedder.embed(texts, prefix=prefix, desc="embedding queries")
+
+  def embed_passages(texts, prefix):
+    return passage_embedder.embed(texts, prefix=prefix, desc="embedding candidates")
+
+  return embed_queries, embed_passages, key, description
+
+
+def _workdir_embedder(opts: RunOptions, dtype):
+  """A TextEmbedder over the parameters of a training run's checkpoint."""
+  from hybrid_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from hybrid_jax.models import inference  # pylint: disable=g-import-not-at-top
+
+  if not hasattr(checkpointing, "load_params"):
+    raise EvaluateUsageError(
+        "--workdir needs hybrid_jax.checkpointing.load_params(workdir, step), which this "
+        "version lacks; export the run with hybrid_jax.export and use --model=EXPORT_DIR")
+  loaded = checkpointing.load_params(opts.workdir, opts.step)
+  embedder = inference.TextEmbedder.from_params(loaded, batch_size=opts.batch_size,
+                                                max_length=opts.query_max_length, dtype=dtype)
+  key = {"workdir": os.path.abspath(opts.workdir), "step": str(getattr(loaded, "step", opts.step))}
+  return embedder, key, f"workdir {opts.workdir} step {opts.step}"
+
+
+def run(opts: RunOptions, argv: Sequence[str] = ()) -> dict:
+  """One evaluation; writes the output directory and returns the results dict."""
+  _validate(opts)
+  started = time.time()
+  evaluator = make_evaluator(opts)
+  collection = evaluator.collection  # read (and validated) before any model is loaded
+  output_dir = opts.output_dir or default_output_dir(opts)
+  os.makedirs(output_dir, exist_ok=True)
+  log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if opts.show_progress else (
+      lambda msg: None)
+  log(f"{collection.name}: {collection.num_queries} queries, {collection.num_candidates} "
+      f"candidates, languages {' '.join(collection.languages)}; output {output_dir}")
+
+  embed_started = time.time()
+  if opts.embeddings:
+    query_emb, cand_emb = embeddings_io.load_for(opts.embeddings, collection.query_uids,
+                                                 collection.candidate_uids)
+    description = f"embeddings {opts.embeddings}"
+  else:
+    embed_queries, embed_passages, key, description = _model_embedders(opts)
+    query_emb, cand_emb = evaluator.embed(
+        embed_queries, cache_dir=os.path.join(output_dir, "embeddings"), cache_key=key,
+        passage_embed_fn=embed_passages)
+    if opts.export_embeddings:
+      embeddings_io.save(opts.export_embeddings, "queries", collection.query_uids, query_emb)
+      embeddings_io.save(opts.export_embeddings, "candidates", collection.candidate_uids, cand_emb)
+      log(f"exported embeddings to {opts.export_embeddings}")
+  embed_seconds = time.time() - embed_started
+
+  score_started = time.time()
+  per_query, results = evaluator.score(query_emb, cand_emb)
+  score_seconds = time.time() - score_started
+  wall = time.time() - started
+  query_prefix, passage_prefix = _prefixes(opts)
+  command = "python -m hybrid_jax.evaluate " + " ".join(shlex.quote(a) for a in argv[1:])
+  meta = {"source": description, "command": command, "query_prefix": query_prefix,
+          "passage_prefix": passage_prefix, "candidate_context": opts.candidate_context,
+          "num_queries": collection.num_queries, "num_candidates": collection.num_candidates,
+          "embedding_dim": int(query_emb.shape[1]), "embed_seconds": round(embed_seconds, 2),
+          "score_seconds": round(score_seconds, 2), "wall_seconds": round(wall, 2)}
+  header = [f"Source: {description}. Prefixes: query {query_prefix!r}, passage "
+            f"{passage_prefix!r}; candidates: {'sentence + context' if opts.candidate_context else 'sentence'}.",
+            f"{collection.num_queries} queries, {collection.num_candidates} candidates. "
+            f"Wall time {wall:.1f}s (encoding {embed_seconds:.1f}s, scoring {score_seconds:.1f}s).",
+            "", f"    {command}"]
+  written = report.write_all(output_dir, collection, per_query, results, header, meta)
+  print(report.summary_table(results))
+  log(f"wrote {', '.join(os.path.basename(p) for p in written)} to {output_dir} "
+      f"(wall time {wall:.1f}s)")
+  return results

@@ -1,0 +1,85 @@
+r"""Evaluates a retriever on the LAReQA grid (XQuAD-R, MLQA-R) or a BEIR-format set.
+
+    python -m hybrid_jax.evaluate --model=HF_DIR --dataset=xquad-r
+    python -m hybrid_jax.evaluate --config=configs/xlmr_hybrid.py --workdir=DIR [--step=best]
+    python -m hybrid_jax.evaluate --embeddings=DIR --dataset=mlqa-r --languages=en,de,zh
+    python -m hybrid_jax.evaluate --model=HF_DIR --dataset=beir --data_dir=miracl/sw
+
+Writes results.json, results.md, settings.csv, per_query.npz, grid_map.png and
+rank_distance.png to --output_dir (see hybrid_jax/eval/report.py). All logic lives in
+hybrid_jax.eval.runner; this file only parses flags.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from hybrid_jax.eval import runner
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config (optional): query/passage prefixes from config.data; "
+    "with --workdir, the model section.", lock_config=True)
+_MODEL = flags.DEFINE_string("model", "", "Hugging Face model directory to evaluate.")
+_WORKDIR = flags.DEFINE_string("workdir", "", "Training run directory to evaluate.")
+_STEP = flags.DEFINE_string("step", "best", "With --workdir: best | last | a step number.")
+_EMBEDDINGS = flags.DEFINE_string(
+    "embeddings", "", "Directory of precomputed embeddings: queries.npy + queries.uids.txt, "
+    "candidates.npy + candidates.uids.txt.")
+_EXPORT = flags.DEFINE_string("export_embeddings", "",
+                              "Also write the computed embeddings to this directory.")
+_DATASET = flags.DEFINE_enum("dataset", "xquad-r", list(runner.DATASETS), "Evaluation set.")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", "", "LAReQA directory (<lang>.json per language; default "
+    "$HYBRID_JAX_DATA/<dataset>) or, for beir, the BEIR directory.")
+_LANGUAGES = flags.DEFINE_list("languages", [], "Languages to evaluate (default: all in data_dir).")
+_CONTEXT = flags.DEFINE_bool("candidate_context", False,
+                             "LAReQA candidates as sentence + paragraph instead of the sentence.")
+_SPLIT = flags.DEFINE_string("beir_split", "test", "BEIR qrels split: qrels/<split>.tsv.")
+_OUTPUT_DIR = flags.DEFINE_string(
+    "output_dir", "", "Where results go (default: <workdir>/eval/<dataset>-step<step>, else "
+    "eval_results/<source>/<dataset>). Embeddings are cached in <output_dir>/embeddings.")
+_QUERY_PREFIX = flags.DEFINE_string(
+    "query_prefix", None, "Prepended to queries (default: config.data.query_prefix, else "
+    "'Query: '; multilingual-e5 models expect 'query: ').")
+_PASSAGE_PREFIX = flags.DEFINE_string(
+    "passage_prefix", None, "Prepended to candidates (default: config.data.passage_prefix, "
+    "else 'Passage: '; multilingual-e5 expects 'passage: ').")
+_QUERY_LEN = flags.DEFINE_integer("query_max_length", 64, "Query tokens, special tokens included.")
+_PASSAGE_LEN = flags.DEFINE_integer("passage_max_length", 0,
+                                    "Candidate tokens (0: 128, or 512 with --candidate_context).")
+_BATCH = flags.DEFINE_integer("batch_size", 128, "Texts per encoder batch (over all devices).")
+_POOLING = flags.DEFINE_enum("pooling", "", ["", "cls", "mean", "pooler"],
+                             "Override the model's pooling.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Encoder compute dtype.")
+_GROUPS = flags.DEFINE_string("groups", "unseen=el+vi",
+                              "Language groups averaged in the summary: NAME=l1+l2;NAME2=...")
+_NORMALIZE = flags.DEFINE_bool("normalize", True,
+                               "L2-normalise embeddings before scoring (cosine similarity).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  options = runner.RunOptions(
+      dataset=_DATASET.value, data_dir=_DATA_DIR.value, languages=tuple(_LANGUAGES.value),
+      candidate_context=_CONTEXT.value, beir_split=_SPLIT.value, model=_MODEL.value,
+      workdir=_WORKDIR.value, step=_STEP.value, config=_CONFIG.value,
+      embeddings=_EMBEDDINGS.value, export_embeddings=_EXPORT.value, output_dir=_OUTPUT_DIR.value,
+      query_prefix=_QUERY_PREFIX.value, passage_prefix=_PASSAGE_PREFIX.value,
+      query_max_length=_QUERY_LEN.value, passage_max_length=_PASSAGE_LEN.value,
+      batch_size=_BATCH.value, pooling=_POOLING.value, dtype=_DTYPE.value,
+      groups=runner.parse_groups(_GROUPS.value), normalize=_NORMALIZE.value)
+  try:
+    runner.run(options, argv=sys.argv)
+  except (ValueError, FileNotFoundError) as e:
+    # User-caused problems (flags, files, data): the message says what and how to fix it.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)
