@@ -1,23 +1,51 @@
-"""The `config.data` section of the experiment configs (owned by hybrid_jax/data/)."""
+"""The `config.data` section of the experiment configs (owned by hybrid_jax/data/).
+
+Two defaults: the built-in synthetic data (`:runlocal`, demos, tests) and, with `real_data=True`,
+the real parallel QA pairs available offline: MLQA-R (7 languages, 1148 ids in 2-4 languages each)
+as the training set, so that XQuAD-R (different articles) stays unseen for evaluation
+(../shared/data/README.md: no dedicated training set exists here). MLQA-R is CC BY-NC 4.0.
+"""
 
 import ml_collections
 
 
-def data_config(batch_type: str = "hybrid") -> ml_collections.ConfigDict:
+def synthetic_config() -> ml_collections.ConfigDict:
+  """`config.data.synthetic`: the generator's knobs (hybrid_jax/data/synthetic.py)."""
   config = ml_collections.ConfigDict()
-  config.source = "synthetic"  # synthetic | lareqa | jsonl
-  config.path = ""  # lareqa: dir of <lang>.json; jsonl: a parallel-examples file
-  config.languages = ()  # training languages; () = every language in the source
-  config.batch_type = batch_type  # mono (X-X-mono) | xy (X-Y) | hybrid | mixed
-  config.alpha = 0.5  # hybrid: probability that a batch is mono (paper: 0.5)
+  config.num_languages = 4  # made-up languages, one script each (lat grk cyr arm geo), at most 5
+  config.num_entities = 64  # question ids = entities x relations
+  config.num_relations = 12
+  config.num_values = 24
+  config.coverage = 0.8  # chance that a language other than the first has a given id
+  config.test_fraction = 0.2  # ids held out of training for evaluation (never trained on)
+  config.seed = 0  # the texts and the tokenizer are a pure function of these fields
+  return config
+
+
+def data_config(batch_type: str = "hybrid", real_data: bool = False) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  # --- commonly changed ---
+  config.batch_type = batch_type  # mono (X-X-mono) | xy (X-Y) | hybrid | mixed (row-level ablation)
+  config.alpha = 0.5  # hybrid: P(batch is mono) (paper: 0.5); mixed: P(row is mono)
+  config.source = "lareqa" if real_data else "synthetic"  # synthetic | lareqa | jsonl
+  config.path = "mlqa-r" if real_data else ""  # lareqa dir / jsonl file; relative: $HYBRID_JAX_DATA
+  config.languages = ()  # training languages, in this order; () = every language in the source
   config.language_weighting = "uniform"  # mono language draw: uniform | size | temperature
-  config.language_temperature = 0.3  # exponent for "temperature" weighting (size ** T)
+  config.language_temperature = 0.3  # "temperature" weighting: P(L) ~ (ids in L) ** T
+  config.repeat_policy = "error"  # batch larger than a language's ids: error | repeat
+  # --- inputs ---
   config.query_prefix = "Query: "  # E5-style input prefixes (paper)
   config.passage_prefix = "Passage: "
-  config.query_max_length = 64  # tokens, special tokens included
-  config.passage_max_length = 128
-  config.passage_with_context = False  # lareqa: passage = sentence + its paragraph
-  config.hard_negatives = False  # add each example's hard negative passage to the batch
-  config.validation_fraction = 0.05  # held-out ids for validation loss (early stopping)
+  config.query_max_length = 64 if real_data else 16  # tokens, special tokens included
+  config.passage_max_length = 128 if real_data else 24  # raise (e.g. 256) with passage_with_context
+  config.passage_with_context = False  # lareqa: passage = gold sentence + " " + its paragraph
+  config.hard_negatives = False  # add each row's hard negative passage (negative_* arrays)
+  # --- validation and order ---
+  config.validation_fraction = 0.1  # question ids held out for validation loss (early stopping)
+  config.validation_batches = 16  # fixed validation list length (covers batch types, languages)
   config.seed = 0  # batch t is a pure function of (seed, t)
+  # --- input pipeline ---
+  config.tf_threads = 4  # tf.data thread pool size (TF never touches accelerators)
+  config.prefetch_batches = 4  # batches prepared ahead of the train step
+  config.synthetic = synthetic_config()  # used when source == "synthetic"
   return config

@@ -1,0 +1,300 @@
+"""Training input: corpus -> held-out split -> tokens (once) -> sampler plans -> tf.data batches.
+
+The trainer's entry point:
+
+    data = TrainingData.from_config(config)            # whole experiment config (or config.data)
+    print(data.summary(config.train.batch_size))
+    it = data.train_batches(config.train.batch_size, start_step=step,
+                            process_index=jax.process_index(), process_count=jax.process_count())
+    batch = next(it)                                   # host-local numpy arrays, see BATCH_KEYS
+    val = data.validation_batches(config.train.batch_size, process_index=..., process_count=...)
+
+Each host gets rows [i * B/P, (i+1) * B/P) of the global batch (B = global batch size, P hosts);
+the trainer assembles the global array from the host slices in process order. Batch t is a pure
+function of (config.data.seed, t), so `start_step=k` resumes exactly.
+
+Batch arrays (b = B / P rows on this host):
+  query_input_ids, query_attention_mask          [b, query_max_length] int32
+  passage_input_ids, passage_attention_mask      [b, passage_max_length] int32
+  negative_input_ids, negative_attention_mask    [b, passage_max_length] int32 (hard_negatives)
+  question_id   [b] int32  corpus row of the id: equal across rows <=> same question (loss mask)
+  query_lang    [b] int32  index into TrainingData.languages
+  passage_lang  [b] int32  (the hard negative is in the passage language)
+  batch_type    [b] int32  0 mono, 1 xy, 2 mixed (sampler.ROW_TYPE_IDS)
+
+tf.data only turns plans into padded arrays: a parallel map runs the NumPy sampler per step, a
+second parallel map gathers the token ids from ragged tables and pads them, then prefetch.
+TensorFlow is imported lazily, sees no GPU/TPU, and uses a private pool of data.tf_threads threads.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from hybrid_jax.data import records
+from hybrid_jax.data import sampler as sampler_lib
+from hybrid_jax.data import sources
+from hybrid_jax.data import synthetic
+from hybrid_jax.data import tokenization
+from hybrid_jax.data import tokenized
+
+BATCH_KEYS = ("query_input_ids", "query_attention_mask", "passage_input_ids",
+              "passage_attention_mask", "question_id", "query_lang", "passage_lang", "batch_type")
+NEGATIVE_KEYS = ("negative_input_ids", "negative_attention_mask")
+
+_TF_CONFIGURED = False
+
+
+def import_tensorflow(num_threads: int = 4):
+  """TensorFlow for tf.data only: no accelerators, few threads. Safe to call repeatedly."""
+  global _TF_CONFIGURED
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if not _TF_CONFIGURED:
+    _TF_CONFIGURED = True
+    # Both calls fail once TF's runtime has started (e.g. another module used TF first); the
+    # per-dataset private thread pool below still bounds the input pipeline then.
+    try:
+      tf.config.set_visible_devices([], "GPU")
+      tf.config.set_visible_devices([], "TPU")
+    except (RuntimeError, ValueError):
+      pass
+    try:
+      tf.config.threading.set_inter_op_parallelism_threads(num_threads)
+      tf.config.threading.set_intra_op_parallelism_threads(1)
+    except RuntimeError:
+      pass
+  return tf
+
+
+def resolve_tokenizer(config, data_config) -> tokenization.Tokenizer:
+  """config.model.tokenizer, else the synthetic source's own, else config.model.init_from."""
+  model = config.get("model") if config is not data_config else None
+  if model is not None and model.get("tokenizer"):
+    return tokenization.Tokenizer.from_dir(model.tokenizer)
+  if data_config.source == "synthetic":
+    return synthetic.build_tokenizer(synthetic.SyntheticSpec.from_config(data_config.synthetic))
+  if model is not None and model.get("init_from"):
+    return tokenization.Tokenizer.from_dir(model.init_from)
+  raise records.DataError(
+      f"data.source={data_config.source!r} needs a tokenizer: set config.model.tokenizer or "
+      "config.model.init_from to a Hugging Face model directory with tokenizer.json, or pass "
+      "tokenizer= to TrainingData.from_config.")
+
+
+class TrainingData:
+  """Tokenized training and validation data of one config, and the batches made from them."""
+
+  def __init__(self, data_config, corpus: records.ParallelCorpus, tokenizer: tokenization.Tokenizer):
+    self.config = data_config
+    self.corpus = corpus
+    self.tokenizer = tokenizer
+    self.languages: tuple[str, ...] = corpus.languages  # index <-> code of the *_lang arrays
+    for field in ("query_max_length", "passage_max_length"):
+      if data_config[field] < 2:
+        raise records.DataError(f"data.{field} must be >= 2 (room for special tokens), "
+                                f"found {data_config[field]}")
+    validation = records.validation_ids_mask(corpus.ids, data_config.validation_fraction)
+    self.train_rows = np.flatnonzero(~validation)  # corpus rows of the training ids
+    self.validation_rows = np.flatnonzero(validation)
+    presence = corpus.presence
+    common = dict(batch_type=data_config.batch_type, alpha=data_config.alpha,
+                  weighting=data_config.language_weighting,
+                  temperature=data_config.language_temperature, seed=data_config.seed)
+    self.sampler = sampler_lib.BatchSampler(presence, self.languages, rows=self.train_rows,
+                                            repeat_policy=data_config.repeat_policy, **common)
+    self.validation_sampler = None
+    if len(self.validation_rows):
+      self.validation_sampler = sampler_lib.BatchSampler(
+          presence, self.languages, rows=self.validation_rows, repeat_policy="repeat",
+          stream=sampler_lib.VALIDATION_STREAM, allow_empty_languages=True, **common)
+    if data_config.hard_negatives:
+      missing = np.flatnonzero((presence & np.equal(corpus.negatives, None)).any(axis=1))
+      if len(missing):
+        row = missing[0]
+        langs = [l for k, l in enumerate(self.languages)
+                 if presence[row, k] and corpus.negatives[row, k] is None]
+        raise records.DataError(
+            f"data.hard_negatives=True but {len(missing)} ids in {corpus.source} lack a 'negative' "
+            f"in some language, e.g. id {corpus.ids[row]!r} in {langs}. Add negatives or set "
+            "data.hard_negatives=False.")
+    # Tokenise once; batches only gather and pad.
+    self.queries = tokenized.tokenize_field(tokenizer, corpus.queries, data_config.query_prefix,
+                                            data_config.query_max_length, "tokenizing queries")
+    self.positives = tokenized.tokenize_field(tokenizer, corpus.positives,
+                                              data_config.passage_prefix,
+                                              data_config.passage_max_length, "tokenizing passages")
+    self.negatives = None
+    if data_config.hard_negatives:
+      self.negatives = tokenized.tokenize_field(tokenizer, corpus.negatives,
+                                                data_config.passage_prefix,
+                                                data_config.passage_max_length, "tokenizing negatives")
+
+  @classmethod
+  def from_config(cls, config, tokenizer: tokenization.Tokenizer | None = None) -> "TrainingData":
+    """Builds everything from the experiment config (or just its `data` section).
+
+    Tokenizer: the argument, else config.model.tokenizer, else the synthetic source's own, else
+    config.model.init_from. Without init_from (random init) the tokenizer must fit
+    config.model.vocab_size.
+    """
+    data_config = config.data if "data" in config else config
+    if tokenizer is None:
+      tokenizer = resolve_tokenizer(config, data_config)
+    model = config.get("model") if "data" in config else None
+    if model is not None and not model.get("init_from") and model.get("vocab_size"):
+      tokenizer.check_fits_embeddings(model.vocab_size, f"config.model ({model.get('backbone')})")
+    return cls(data_config, sources.load_corpus(data_config), tokenizer)
+
+  # --- plans ----------------------------------------------------------------------------------
+  def plan(self, step: int, global_batch_size: int) -> sampler_lib.BatchPlan:
+    """The global plan of training batch `step` (rows are corpus rows)."""
+    return self.sampler.plan(step, global_batch_size)
+
+  def ids(self, plan: sampler_lib.BatchPlan) -> list[str]:
+    return [self.corpus.ids[i] for i in plan.example]
+
+  def host_batch(self, plan: sampler_lib.BatchPlan) -> dict[str, np.ndarray]:
+    """NumPy arrays of a (host-local) plan; the reference the tf.data path is tested against."""
+    batch = {}
+    batch["query_input_ids"], batch["query_attention_mask"] = self.queries.gather(
+        plan.example, plan.query_lang)
+    batch["passage_input_ids"], batch["passage_attention_mask"] = self.positives.gather(
+        plan.example, plan.passage_lang)
+    if self.negatives is not None:
+      batch["negative_input_ids"], batch["negative_attention_mask"] = self.negatives.gather(
+          plan.example, plan.passage_lang)
+    batch["question_id"] = plan.example.astype(np.int32)
+    batch["query_lang"] = plan.query_lang.astype(np.int32)
+    batch["passage_lang"] = plan.passage_lang.astype(np.int32)
+    batch["batch_type"] = np.full(len(plan), plan.batch_type_id, dtype=np.int32)
+    return batch
+
+  # --- batches --------------------------------------------------------------------------------
+  def train_batches(self, global_batch_size: int, start_step: int = 0, process_index: int = 0,
+                    process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """Endless host-local batches for steps start_step, start_step + 1, ... (tf.data)."""
+    host_size = sampler_lib.host_batch_size(global_batch_size, process_count)
+    self.sampler.check_batch_size(global_batch_size)
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index {process_index} is outside [0, {process_count})")
+    dataset = self._dataset(global_batch_size, host_size, start_step, process_index, process_count)
+    return dataset.as_numpy_iterator()
+
+  def _dataset(self, global_batch_size, host_size, start_step, process_index, process_count):
+    tf = import_tensorflow(self.config.tf_threads)
+    tables = self._tf_tables(tf)
+    num_languages = len(self.languages)
+    sampler = self.sampler
+
+    def host_plan(step):  # NumPy, runs under tf.numpy_function
+      plan = sampler.plan(int(step), global_batch_size).host_slice(process_index, process_count)
+      return (plan.example.astype(np.int32), plan.query_lang, plan.passage_lang,
+              np.full(host_size, plan.batch_type_id, np.int32))
+
+    def plan_op(step):
+      example, query_lang, passage_lang, batch_type = tf.numpy_function(
+          host_plan, [step], [tf.int32] * 4, stateful=False)
+      return {name: tf.ensure_shape(x, [host_size]) for name, x in
+              (("question_id", example), ("query_lang", query_lang),
+               ("passage_lang", passage_lang), ("batch_type", batch_type))}
+
+    def arrays_op(plan):
+      batch = dict(plan)
+      for prefix, lang_key, table in (("query", "query_lang", "queries"),
+                                      ("passage", "passage_lang", "positives"),
+                                      ("negative", "passage_lang", "negatives")):
+        if table not in tables:
+          continue
+        ragged, length = tables[table]
+        cells = plan["question_id"] * num_languages + plan[lang_key]
+        rows = tf.gather(ragged, cells)
+        batch[f"{prefix}_input_ids"] = rows.to_tensor(
+            default_value=self.tokenizer.pad_token_id, shape=[host_size, length])
+        batch[f"{prefix}_attention_mask"] = tf.sequence_mask(
+            rows.row_lengths(), length, dtype=tf.int32)
+      return batch
+
+    autotune = tf.data.AUTOTUNE
+    dataset = tf.data.Dataset.counter(start=start_step, dtype=tf.int64)
+    dataset = dataset.map(plan_op, num_parallel_calls=autotune, deterministic=True)
+    dataset = dataset.map(arrays_op, num_parallel_calls=autotune, deterministic=True)
+    dataset = dataset.prefetch(self.config.prefetch_batches)
+    options = tf.data.Options()
+    options.deterministic = True
+    options.threading.private_threadpool_size = self.config.tf_threads
+    options.threading.max_intra_op_parallelism = 1
+    return dataset.with_options(options)
+
+  def _tf_tables(self, tf) -> dict:
+    if not hasattr(self, "_tables"):
+      self._tables = {}
+      for name in ("queries", "positives", "negatives"):
+        table = getattr(self, name)
+        if table is not None:
+          ragged = tf.RaggedTensor.from_row_splits(tf.constant(table.values),
+                                                   tf.constant(table.row_splits), validate=False)
+          self._tables[name] = (ragged, table.max_length)
+    return self._tables
+
+  def validation_batches(self, global_batch_size: int, process_index: int = 0,
+                         process_count: int = 1) -> list[dict[str, np.ndarray]]:
+    """The fixed list of data.validation_batches host-local batches of held-out ids ([] if none).
+
+    The list alternates the run's batch types (hybrid: mono, xy, mono, ...) and mono batches cycle
+    through the languages, so validation loss weighs every type and language evenly. Ids repeat
+    within a batch when the held-out split is smaller than the batch (masked by question_id).
+    """
+    sampler_lib.host_batch_size(global_batch_size, process_count)
+    if self.validation_sampler is None:
+      return []
+    plans = self.validation_sampler.validation_plans(global_batch_size,
+                                                     self.config.validation_batches)
+    return [self.host_batch(p.host_slice(process_index, process_count)) for p in plans]
+
+  # --- reporting ------------------------------------------------------------------------------
+  @property
+  def num_train_queries(self) -> int:
+    """(id, language) pairs in the training split: what one epoch of queries means."""
+    return int(self.sampler.presence.sum())
+
+  def steps_per_epoch(self, global_batch_size: int) -> float:
+    return self.num_train_queries / global_batch_size
+
+  def summary(self, global_batch_size: int) -> str:
+    """Text for the start of training: sizes per language, batch-type shares, steps per epoch."""
+    c = self.config
+    train_counts = self.sampler.counts
+    presence = self.corpus.presence
+    val_counts = presence[self.validation_rows].sum(axis=0)
+    lines = [
+        f"Training data: {c.source} {self.corpus.source}",
+        f"  {len(self.languages)} languages, {self.corpus.num_examples} question ids: "
+        f"{len(self.train_rows)} train / {len(self.validation_rows)} validation "
+        f"(validation_fraction {c.validation_fraction}, split by id)",
+        f"  {'lang':<6}{'index':>6}{'train ids':>11}{'val ids':>9}{'weight':>9}"]
+    for k, lang in enumerate(self.languages):
+      lines.append(f"  {lang:<6}{k:>6}{train_counts[k]:>11}{val_counts[k]:>9}"
+                   f"{self.sampler.weights[k]:>9.3f}")
+    lines.append(f"  ids in >= 2 languages (X-Y pool): {len(self.sampler.multilingual)}")
+    mono = self.sampler.mono_batch_share
+    if c.batch_type == "mixed":
+      shares = f"every batch mixed: rows mono with p={c.alpha}, else X-Y"
+    else:
+      shares = f"mono {100 * mono:.1f}% / xy {100 * (1 - mono):.1f}% of batches"
+    lines += [
+        f"Batches: type {c.batch_type} (alpha {c.alpha}): {shares}; language weighting "
+        f"{c.language_weighting}" + (f" (T={c.language_temperature})"
+                                      if c.language_weighting == "temperature" else ""),
+        f"  global batch {global_batch_size}; steps per epoch {self.steps_per_epoch(global_batch_size):.1f}"
+        f" ({self.num_train_queries} training (id, language) queries / batch); "
+        f"repeat policy {c.repeat_policy}; seed {c.seed}",
+        f"  validation: {c.validation_batches if self.validation_sampler else 0} fixed batches",
+        f"Tokens: {self.tokenizer.source} (vocab {self.tokenizer.vocab_size}); query max "
+        f"{c.query_max_length} (prefix {c.query_prefix!r}), passage max {c.passage_max_length} "
+        f"(prefix {c.passage_prefix!r}); truncated: {self.queries.num_truncated} queries, "
+        f"{self.positives.num_truncated} passages" + (
+            f"; hard negatives on ({self.negatives.num_truncated} truncated)"
+            if self.negatives is not None else "")]
+    return "\n".join(lines)

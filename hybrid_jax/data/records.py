@@ -1,0 +1,250 @@
+"""Parallel examples: the on-disk JSONL format, its reader/writer, and the in-memory corpus.
+
+A parallel example is one question id with, in every language it exists in, the query, its
+positive passage and optionally a hard-negative passage. On disk it is one JSON object per line:
+
+    {"id": "q17", "languages": {"en": {"query": "...", "positive": "...", "negative": "..."},
+                                "de": {"query": "...", "positive": "..."}}}
+
+  id         string (or integer, read as its decimal string), unique in the file.
+  languages  non-empty object: language code -> {"query", "positive"[, "negative"]}, all
+             non-empty strings. Codes are free-form strings without whitespace ("en", "zh-Hans").
+  meta       optional, any JSON value; ignored (provenance, notes).
+Any other key is an error, so that a typo ("postive") cannot silently drop data.
+
+In memory, a `ParallelCorpus` stores the texts as [N, K] object arrays (N ids, K languages,
+`None` where an id lacks a language) so the sampler can select rows and languages with NumPy.
+The held-out validation split is by question id (`split_by_id`): every language of an id is on the
+same side, so validation loss never sees a translation of a training question.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+_ALLOWED_TOP_KEYS = ("id", "languages", "meta")
+_ALLOWED_LANGUAGE_KEYS = ("query", "positive", "negative")
+
+
+class DataError(ValueError):
+  """Data files or the data config are malformed; the message names the file/record or field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LanguageTexts:
+  query: str
+  positive: str
+  negative: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelExample:
+  id: str
+  languages: dict[str, LanguageTexts]  # language code -> texts; only the languages the id has
+
+  def to_json(self) -> dict:
+    langs = {}
+    for lang, texts in self.languages.items():
+      entry = {"query": texts.query, "positive": texts.positive}
+      if texts.negative is not None:
+        entry["negative"] = texts.negative
+      langs[lang] = entry
+    return {"id": self.id, "languages": langs}
+
+
+# --- JSONL ----------------------------------------------------------------------------------------
+def _fail(where: str, message: str) -> None:
+  raise DataError(f"{where}: {message}")
+
+
+def parse_record(record, where: str) -> ParallelExample:
+  """Validates one decoded JSON record; `where` ("FILE:LINE") prefixes every error."""
+  if not isinstance(record, dict):
+    _fail(where, f"expected a JSON object {{\"id\", \"languages\"}}, found {type(record).__name__}")
+  unknown = sorted(set(record) - set(_ALLOWED_TOP_KEYS))
+  if unknown:
+    _fail(where, f"unknown field(s) {unknown}; allowed: {list(_ALLOWED_TOP_KEYS)}")
+  for field in ("id", "languages"):
+    if field not in record:
+      _fail(where, f"missing field {field!r} (a record is "
+            '{"id": ..., "languages": {LANG: {"query": ..., "positive": ...}}})')
+  qid = record["id"]
+  if isinstance(qid, bool) or not isinstance(qid, (str, int)) or (isinstance(qid, str) and not qid):
+    _fail(where, f"field 'id' must be a non-empty string or an integer, found {qid!r}")
+  qid = str(qid)
+  languages = record["languages"]
+  if not isinstance(languages, dict) or not languages:
+    _fail(where, f"record {qid!r}: field 'languages' must be a non-empty object "
+          f"{{LANG: {{...}}}}, found {languages!r:.80}")
+  parsed = {}
+  for lang, entry in languages.items():
+    if not lang or any(c.isspace() for c in lang):
+      _fail(where, f"record {qid!r}: language code {lang!r} is empty or contains whitespace")
+    lwhere = f"record {qid!r}, language {lang!r}"
+    if not isinstance(entry, dict):
+      _fail(where, f"{lwhere}: expected an object with 'query' and 'positive', found "
+            f"{type(entry).__name__}")
+    unknown = sorted(set(entry) - set(_ALLOWED_LANGUAGE_KEYS))
+    if unknown:
+      _fail(where, f"{lwhere}: unknown field(s) {unknown}; allowed: {list(_ALLOWED_LANGUAGE_KEYS)}")
+    for field in ("query", "positive"):
+      if field not in entry:
+        _fail(where, f"{lwhere}: missing field {field!r}")
+    for field in _ALLOWED_LANGUAGE_KEYS:
+      if field in entry and (not isinstance(entry[field], str) or not entry[field].strip()):
+        _fail(where, f"{lwhere}: field {field!r} must be a non-empty string, "
+              f"found {entry[field]!r:.80}")
+    parsed[lang] = LanguageTexts(entry["query"], entry["positive"], entry.get("negative"))
+  return ParallelExample(qid, parsed)
+
+
+def read_jsonl(path: str) -> list[ParallelExample]:
+  """Reads a parallel-examples JSONL file; errors name the file and the 1-based line."""
+  if not os.path.isfile(path):
+    raise DataError(f"Parallel-examples file {path!r} does not exist (data.path). Expected a JSONL "
+                    "file, one {\"id\", \"languages\"} object per line; see hybrid_jax/data/records.py.")
+  examples: list[ParallelExample] = []
+  first_line: dict[str, int] = {}
+  with open(path, encoding="utf-8") as f:
+    for line_number, line in enumerate(f, start=1):
+      where = f"{path}:{line_number}"
+      if not line.strip():
+        continue  # blank lines (e.g. a trailing newline) are allowed
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno}): {line.strip()[:80]!r}"
+                        ) from e
+      example = parse_record(record, where)
+      if example.id in first_line:
+        _fail(where, f"duplicate id {example.id!r} (first seen on line {first_line[example.id]}); "
+              "put all languages of one id in one record")
+      first_line[example.id] = line_number
+      examples.append(example)
+  if not examples:
+    raise DataError(f"{path}: no records (the file is empty)")
+  return examples
+
+
+def write_jsonl(path: str, examples: Iterable[ParallelExample]) -> int:
+  """Writes examples one per line (UTF-8, not ASCII-escaped); returns the number written."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  count = 0
+  with open(path, "w", encoding="utf-8") as f:
+    for example in examples:
+      f.write(json.dumps(example.to_json(), ensure_ascii=False) + "\n")
+      count += 1
+  return count
+
+
+# --- in-memory corpus -----------------------------------------------------------------------------
+@dataclasses.dataclass
+class ParallelCorpus:
+  """N question ids x K languages of texts; `None` marks a language an id does not have."""
+
+  languages: tuple[str, ...]  # K codes; column order of the arrays below
+  ids: list[str]  # N question ids
+  queries: np.ndarray  # [N, K] object: str or None
+  positives: np.ndarray  # [N, K] object: str or None (None exactly where queries is None)
+  negatives: np.ndarray  # [N, K] object: str or None (may be None where the id exists)
+  source: str = "<memory>"  # for messages: file or directory the corpus came from
+
+  @property
+  def num_examples(self) -> int:
+    return len(self.ids)
+
+  @property
+  def presence(self) -> np.ndarray:
+    """[N, K] bool: id n exists in language k."""
+    return np.not_equal(self.positives, None)
+
+  def language_index(self, lang: str) -> int:
+    return self.languages.index(lang)
+
+  def examples_per_language(self) -> dict[str, int]:
+    counts = self.presence.sum(axis=0)
+    return {lang: int(c) for lang, c in zip(self.languages, counts)}
+
+  def subset(self, rows: np.ndarray) -> "ParallelCorpus":
+    """The corpus restricted to the given rows (order kept)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    return ParallelCorpus(self.languages, [self.ids[i] for i in rows], self.queries[rows],
+                          self.positives[rows], self.negatives[rows], self.source)
+
+  def example(self, row: int) -> ParallelExample:
+    langs = {}
+    for k, lang in enumerate(self.languages):
+      if self.positives[row, k] is not None:
+        langs[lang] = LanguageTexts(self.queries[row, k], self.positives[row, k],
+                                    self.negatives[row, k])
+    return ParallelExample(self.ids[row], langs)
+
+  def iter_examples(self) -> Iterator[ParallelExample]:
+    for row in range(self.num_examples):
+      yield self.example(row)
+
+  @classmethod
+  def from_examples(cls, examples: Sequence[ParallelExample], languages: Sequence[str] | None = None,
+                    source: str = "<memory>") -> "ParallelCorpus":
+    """Builds the arrays; `languages` (default: all present, sorted) selects and orders columns.
+
+    Ids that have none of the selected languages are dropped. An unknown code in `languages`
+    is an error that lists the languages the source has.
+    """
+    present: dict[str, None] = {}
+    for example in examples:
+      for lang in example.languages:
+        present.setdefault(lang)
+    if languages:
+      languages = tuple(languages)
+      if len(set(languages)) != len(languages):
+        raise DataError(f"data.languages lists a language twice: {list(languages)}")
+      unknown = [lang for lang in languages if lang not in present]
+      if unknown:
+        raise DataError(
+            f"data.languages names {unknown}, which no example in {source} has. Languages "
+            f"present: {sorted(present)}. Fix data.languages (or leave it empty for all).")
+    else:
+      languages = tuple(sorted(present))
+    column = {lang: k for k, lang in enumerate(languages)}
+    kept = [e for e in examples if any(lang in column for lang in e.languages)]
+    n, k = len(kept), len(languages)
+    queries = np.full((n, k), None, dtype=object)
+    positives = np.full((n, k), None, dtype=object)
+    negatives = np.full((n, k), None, dtype=object)
+    for row, example in enumerate(kept):
+      for lang, texts in example.languages.items():
+        if lang in column:
+          queries[row, column[lang]] = texts.query
+          positives[row, column[lang]] = texts.positive
+          negatives[row, column[lang]] = texts.negative
+    return cls(languages, [e.id for e in kept], queries, positives, negatives, source)
+
+
+def validation_ids_mask(ids: Sequence[str], fraction: float) -> np.ndarray:
+  """[N] bool: the held-out ids, exactly round(fraction * N) of them.
+
+  Ids are ranked by a hash of the id string alone, so the split depends neither on the file order
+  nor on the data seed: runs that differ only in batch type or seed share their validation set.
+  """
+  if not 0.0 <= fraction < 1.0:
+    raise DataError(f"data.validation_fraction must be in [0, 1), found {fraction}")
+  num_validation = int(round(fraction * len(ids)))
+  keys = [hashlib.blake2b(i.encode("utf-8"), digest_size=8).digest() for i in ids]
+  order = sorted(range(len(ids)), key=lambda i: (keys[i], ids[i]))
+  mask = np.zeros(len(ids), dtype=bool)
+  mask[order[:num_validation]] = True
+  return mask
+
+
+def split_by_id(corpus: ParallelCorpus, fraction: float) -> tuple[ParallelCorpus, ParallelCorpus]:
+  """(train, validation) corpora; all languages of an id fall on the same side."""
+  mask = validation_ids_mask(corpus.ids, fraction)
+  return corpus.subset(np.flatnonzero(~mask)), corpus.subset(np.flatnonzero(mask))
