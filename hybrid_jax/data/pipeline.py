@@ -99,16 +99,12 @@ class TrainingData:
     self.train_rows = np.flatnonzero(~validation)  # corpus rows of the training ids
     self.validation_rows = np.flatnonzero(validation)
     presence = corpus.presence
-    common = dict(batch_type=data_config.batch_type, alpha=data_config.alpha,
-                  weighting=data_config.language_weighting,
-                  temperature=data_config.language_temperature, seed=data_config.seed)
-    self.sampler = sampler_lib.BatchSampler(presence, self.languages, rows=self.train_rows,
-                                            repeat_policy=data_config.repeat_policy, **common)
+    self.sampler = sampler_lib.BatchSampler.from_config(data_config, presence, self.languages,
+                                                        rows=self.train_rows)
     self.validation_sampler = None
     if len(self.validation_rows):
-      self.validation_sampler = sampler_lib.BatchSampler(
-          presence, self.languages, rows=self.validation_rows, repeat_policy="repeat",
-          stream=sampler_lib.VALIDATION_STREAM, allow_empty_languages=True, **common)
+      self.validation_sampler = sampler_lib.BatchSampler.from_config(
+          data_config, presence, self.languages, rows=self.validation_rows, validation=True)
     if data_config.hard_negatives:
       missing = np.flatnonzero((presence & np.equal(corpus.negatives, None)).any(axis=1))
       if len(missing):

@@ -169,6 +169,18 @@ class BatchSampler:
           f"two or more of the languages {list(self.languages)}. Use batch_type='mono' or add "
           "languages.")
 
+  @classmethod
+  def from_config(cls, data_config, presence: np.ndarray, languages: Sequence[str],
+                  rows: np.ndarray | None = None, validation: bool = False) -> "BatchSampler":
+    """The training (or, with validation=True, the validation) sampler of `config.data`."""
+    common = dict(rows=rows, batch_type=data_config.batch_type, alpha=data_config.alpha,
+                  weighting=data_config.language_weighting,
+                  temperature=data_config.language_temperature, seed=data_config.seed)
+    if validation:
+      return cls(presence, languages, repeat_policy="repeat", stream=VALIDATION_STREAM,
+                 allow_empty_languages=True, **common)
+    return cls(presence, languages, repeat_policy=data_config.repeat_policy, **common)
+
   @property
   def uses_mono_batches(self) -> bool:
     return self.batch_type == "mono" or (self.batch_type == "hybrid" and self.alpha > 0)

@@ -1,0 +1,98 @@
+"""Helpers of the evaluator tests: real-data paths, exact tie-free embeddings, scored grids."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from hybrid_jax.data import lareqa
+from hybrid_jax.eval import collection as collection_lib
+from hybrid_jax.eval import metrics as metrics_lib
+
+
+def data_dir(dataset: str) -> str:
+  path = os.path.join(lareqa.default_data_root(), dataset)
+  assert os.path.isdir(path), (
+      f"real data missing at {path}: set $HYBRID_JAX_DATA to the folder holding xquad-r/ mlqa-r/")
+  return path
+
+
+def exact_embeddings(collection: collection_lib.Collection, seed: int = 0, dim: int = 12,
+                     topic_range: int = 3, noise_range: int = 2):
+  """Tie-free embeddings whose dot products are exact in float32 in any summation order.
+
+  score(q, c) = N * <g_q, g_c> + perm_c, with g small integer vectors and perm a random
+  permutation of 0..N-1 (N = number of candidates): two candidates never score the same for a
+  query (their scores differ mod N), and every partial sum stays an integer below 2**24, so JAX,
+  NumPy and trec_eval see bit-identical scores. Queries and their relevant candidates share a
+  random "topic" vector, so relevant candidates tend to rank high (R@1, nDCG@10 are not all 0).
+  """
+  rng = np.random.default_rng(seed)
+  n = collection.num_candidates
+  assert n * (dim * (topic_range + noise_range) ** 2 + 1) < 2 ** 24
+  qid = [u.rsplit("_", 1)[0] for u in collection.query_uids]
+  topics = {i: rng.integers(-topic_range, topic_range + 1, dim) for i in sorted(set(qid))}
+  g_q = np.stack([topics[i] + rng.integers(-noise_range, noise_range + 1, dim) for i in qid])
+  cand_topic = [None] * n
+  for i, rel in enumerate(collection.relevant):
+    for c, _ in rel:
+      cand_topic[c] = qid[i]
+  g_c = np.stack([(topics[t] if t is not None else rng.integers(-topic_range, topic_range + 1, dim))
+                  + rng.integers(-noise_range, noise_range + 1, dim) for t in cand_topic])
+  perm = rng.permutation(n)
+  q = np.concatenate([g_q * n, np.ones((len(g_q), 1))], axis=1).astype(np.float32)
+  c = np.concatenate([g_c, perm[:, None]], axis=1).astype(np.float32)
+  return q, c
+
+
+class Scored:
+  """A collection scored on the full grid with exact embeddings (shared across tests)."""
+
+  def __init__(self, dataset: str):
+    self.collection = collection_lib.from_lareqa(data_dir(dataset), name=dataset)
+    self.query_emb, self.candidate_emb = exact_embeddings(self.collection)
+    col = self.collection
+    self.per_query = metrics_lib.score_grid(
+        self.query_emb, self.candidate_emb, col.lang_index(col.candidate_langs),
+        len(col.languages), col.relevance_arrays(), show_progress=False)
+
+  def scores(self, rows: np.ndarray) -> np.ndarray:
+    """Exact float64 scores [len(rows), N] of some queries (integers, so no rounding)."""
+    return self.query_emb[rows].astype(np.float64) @ self.candidate_emb.T.astype(np.float64)
+
+
+class OracleEmbedder:
+  """embed_fn(texts, prefix) that knows the answers: analytically known grid metrics.
+
+  A query is the one-hot of its question id; a candidate is the normalised sum of the one-hots
+  of the ids it answers (a private dimension when it answers none). So in every setting each
+  query's relevant candidates score > 0 and all others 0: mAP = 1 everywhere, R@1 = 1 in X->Y, and
+  the pool ranks the R relevant candidates first (rank distance R - 1). Question texts repeat
+  across ids, so vectors are returned by position: the texts must be the collection's, in order.
+  """
+
+  def __init__(self, collection: collection_lib.Collection, query_prefix: str = "Query: ",
+               passage_prefix: str = "Passage: "):
+    qid = [u.rsplit("_", 1)[0] for u in collection.query_uids]
+    ids = sorted(set(qid))
+    id_dim = {i: d for d, i in enumerate(ids)}
+    dim = len(ids) + collection.num_candidates
+    queries = np.zeros((collection.num_queries, dim), np.float32)
+    queries[np.arange(len(qid)), [id_dim[i] for i in qid]] = 1.0
+    candidates = np.zeros((collection.num_candidates, dim), np.float32)
+    for i, rel in zip(qid, collection.relevant):
+      for c, _ in rel:
+        candidates[c, id_dim[i]] = 1.0
+    lonely = ~candidates.any(axis=1)
+    candidates[np.flatnonzero(lonely), len(ids) + np.flatnonzero(lonely)] = 1.0
+    candidates /= np.linalg.norm(candidates, axis=1, keepdims=True)
+    self._by_prefix = {query_prefix: (collection.query_texts, queries),
+                       passage_prefix: (collection.candidate_texts, candidates)}
+    self.calls = []
+
+  def __call__(self, texts, prefix):
+    self.calls.append((len(texts), prefix))
+    expected_texts, vectors = self._by_prefix[prefix]
+    assert list(texts) == list(expected_texts)
+    return vectors.copy()
