@@ -111,7 +111,8 @@ def read_jsonl(path: str) -> list[ParallelExample]:
                     "file, one {\"id\", \"languages\"} object per line; see hybrid_jax/data/records.py.")
   examples: list[ParallelExample] = []
   first_line: dict[str, int] = {}
-  with open(path, encoding="utf-8") as f:
+  # utf-8-sig: a byte-order mark (some editors write one) is not part of the first record.
+  with open(path, encoding="utf-8-sig") as f:
     for line_number, line in enumerate(f, start=1):
       where = f"{path}:{line_number}"
       if not line.strip():

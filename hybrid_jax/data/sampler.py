@@ -136,7 +136,7 @@ class BatchSampler:
                allow_empty_languages: bool = False):
     if batch_type not in BATCH_TYPES:
       raise DataError(f"data.batch_type must be one of {BATCH_TYPES}, found {batch_type!r}")
-    if not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
       raise DataError(f"data.alpha must be in [0, 1] (the probability of a mono batch), "
                       f"found {alpha}")
     if repeat_policy not in REPEAT_POLICIES:
@@ -151,6 +151,7 @@ class BatchSampler:
       raise ValueError(f"presence {self.presence.shape} does not match {len(self.languages)} languages")
     self.batch_type, self.alpha, self.seed = batch_type, float(alpha), int(seed)
     self.repeat_policy, self.stream = repeat_policy, stream
+    self._checked_batch_sizes: set[int] = set()
     self.counts = self.presence.sum(axis=0)  # [K] ids per language
     empty = [lang for lang, c in zip(self.languages, self.counts) if c == 0]
     if empty and not allow_empty_languages:
@@ -222,6 +223,11 @@ class BatchSampler:
     """
     if step < 0:
       raise ValueError(f"step must be >= 0, found {step}")
+    if force_type is None and batch_size not in self._checked_batch_sizes:
+      # The "error" repeat policy holds for every plan, not only for callers that checked first:
+      # otherwise a too-small language would silently repeat ids whenever it is drawn.
+      self.check_batch_size(batch_size)
+      self._checked_batch_sizes.add(batch_size)
     rng = np.random.default_rng([self.seed, self.stream, step])
     # The first draw always decides the type, so that mono == hybrid(alpha=1) batch for batch.
     is_mono = rng.random() < self.alpha
