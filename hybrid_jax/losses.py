@@ -1,0 +1,342 @@
+"""Contrastive losses of the dual encoder: InfoNCE over the GLOBAL batch, plain or GradCache.
+
+The loss (../shared/PAPER.md, "Loss") for query i with positive d+_i:
+
+    l_i = -log( e^{t s(q_i, d+_i)} / ( e^{t s(q_i, d+_i)} + sum_{c in C_i} e^{t s(q_i, c)} ) )
+
+s is the cosine (embeddings are L2-normalised by the encoder), t = 1 / temperature the scale, and
+C_i the negatives of row i, chosen by `LossConfig`:
+  in_batch_negatives  the other rows' positives d+_j (j != i): the standard in-batch negatives;
+  hard_negatives      every row's hard negative d-_j (j in B), shared across the batch as in the
+                      paper's formula;
+  mask_same_id        a positive d+_j whose question id equals row i's is dropped from C_i: in an
+                      X-Y or mixed batch the same passage can appear in several languages and must
+                      not be pushed away. Row i's own positive always stays.
+  symmetric           adds the passage -> query term (d+_i against all queries, same masking) and
+                      averages the two directions.
+The batch loss is the MEAN of l_i over the B rows (the paper writes a sum; the mean keeps the
+learning rate independent of the batch size). The loss reads GLOBAL [B, D] arrays under jit, so with
+the batch sharded over devices and hosts the negatives span all of them; XLA inserts the gathers.
+
+Temperature: fixed (scale 1 / temperature, paper default 1 / 0.05) or learnable, CLIP-style, as a
+trainable `log_scale` scalar in `params["log_scale"]` (scale = exp(log_scale), clipped at
+MAX_SCALE so the logits cannot run away).
+
+Two ways to get the loss and its gradients, equal up to float rounding (tested to <= 1e-5):
+
+Plain (`value_and_grad`, chunk_size 0): encode all rows, loss, back-propagate through everything.
+  Memory: the activations of every layer for all R = B * (2 or 3) sequences stay alive for the
+  backward pass, O(R * L * H * layers) (times ~10-20 tensors per layer), plus the [B, R] logits.
+
+GradCache (`gradcache_value_and_grad`, chunk_size C > 0; Gao et al. 2021, "Scaling Deep
+Contrastive Learning Batch Size under Memory Limited Setup"):
+  1. Embed every row in chunks of C rows (`lax.map`), forward only: each chunk's activations die
+     with the chunk. Keeps only the embeddings: O(R * D).
+  2. Loss and its gradient with respect to the embeddings (and log_scale) on the full batch:
+     O(B * R) logits and their gradient, O(R * D) embedding gradients (the "cache").
+  3. Re-encode chunk by chunk (`lax.scan`) under `jax.vjp`, feed the cached embedding gradient of
+     the chunk into the VJP and add the parameter gradient to a running sum.
+  Peak memory: params + optimizer state (as always) + one parameter-sized gradient accumulator +
+  O(C * L * H * layers) activations of ONE chunk + O(R * D + B * R) embeddings and logits. Only
+  the last term grows with the batch, and it is tiny next to activations (D floats per sequence
+  instead of L * H * layers * ~15). Compute: one extra forward pass (~4/3 of the plain FLOPs).
+  Dropout: each chunk uses the same dropout key in steps 1 and 3, so the re-encoding reproduces
+  the embeddings exactly; the keys differ from the plain path's, so with dropout on the two paths
+  agree in distribution, and bitwise only when deterministic.
+  Chunks are strided (chunk k holds rows k, k + B/C, k + 2B/C, ...), so that with the batch sharded
+  over devices in contiguous blocks every chunk is spread evenly over all devices (C a multiple of
+  the number of data shards keeps all devices busy in every chunk).
+
+Batch features each loss needs (fail fast, before compiling, via `check_batch`):
+  query_input_ids, query_attention_mask, passage_input_ids, passage_attention_mask   always
+  negative_input_ids, negative_attention_mask                                          hard_negatives
+  question_id                                                                          mask_same_id
+  batch_type                                                                           always (metrics)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+# Row batch types (hybrid_jax.data.sampler.ROW_TYPE_IDS): per-type loss sums are indexed by these.
+BATCH_TYPE_NAMES = ("mono", "xy", "mixed")
+MAX_SCALE = 100.0  # learnable temperature: the scale is clipped here (CLIP's choice)
+
+# (params["encoder"], input_ids [N, L], attention_mask [N, L], dropout key or None) -> [N, D]
+EncodeFn = Callable[[Any, jax.Array, jax.Array, jax.Array | None], jax.Array]
+
+
+class LossConfigError(ValueError):
+  """The loss options contradict each other or the batch lacks a feature the loss needs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Which negatives, masks and terms the InfoNCE loss uses (fields of config.train)."""
+
+  temperature: float = 0.05  # scale = 1 / temperature (initial value when learnable)
+  learnable_temperature: bool = False  # train log(scale) as params["log_scale"]
+  in_batch_negatives: bool = True  # other rows' positives are negatives
+  hard_negatives: bool = False  # every row's hard negative is a negative of every query
+  symmetric: bool = False  # add the passage -> query term
+  mask_same_id: bool = True  # rows sharing a question id are never negatives of each other
+  chunk_size: int = 0  # > 0: GradCache with chunks of this many rows; 0: plain
+
+  @classmethod
+  def from_train_config(cls, train_config, hard_negatives: bool = False) -> "LossConfig":
+    """From config.train (and config.data.hard_negatives, which decides the batch features)."""
+    return cls(temperature=float(train_config.temperature),
+               learnable_temperature=bool(train_config.learnable_temperature),
+               in_batch_negatives=bool(train_config.get("in_batch_negatives", True)),
+               hard_negatives=bool(hard_negatives),
+               symmetric=bool(train_config.symmetric_loss),
+               mask_same_id=bool(train_config.mask_same_id),
+               chunk_size=int(train_config.gradcache_chunk_size))
+
+  def validate(self) -> None:
+    if not self.temperature > 0:
+      raise LossConfigError(f"train.temperature must be > 0 (scale = 1 / temperature), found "
+                            f"{self.temperature}")
+    if not (self.in_batch_negatives or self.hard_negatives):
+      raise LossConfigError(
+          "the loss has no negatives: train.in_batch_negatives is False and data.hard_negatives is "
+          "False. Enable at least one of them.")
+    if self.chunk_size < 0:
+      raise LossConfigError(f"train.gradcache_chunk_size must be >= 0 (0 = plain loss), found "
+                            f"{self.chunk_size}")
+
+  def required_features(self) -> tuple[str, ...]:
+    features = ["query_input_ids", "query_attention_mask", "passage_input_ids",
+                "passage_attention_mask", "batch_type"]
+    if self.hard_negatives:
+      features += ["negative_input_ids", "negative_attention_mask"]
+    if self.mask_same_id:
+      features.append("question_id")
+    return tuple(features)
+
+  def check_batch(self, batch: Mapping[str, Any]) -> None:
+    """Raises LossConfigError naming every feature the loss needs that `batch` lacks."""
+    missing = [k for k in self.required_features() if k not in batch]
+    if missing:
+      reasons = []
+      if any(k.startswith("negative_") for k in missing):
+        reasons.append("hard_negatives=True needs negative_* arrays (set data.hard_negatives=True "
+                       "so the pipeline produces them)")
+      if "question_id" in missing:
+        reasons.append("mask_same_id=True needs question_id (or set train.mask_same_id=False)")
+      raise LossConfigError(
+          f"the batch lacks feature(s) {missing} needed by the loss; it has {sorted(batch)}. "
+          + "; ".join(reasons))
+    if self.chunk_size:
+      rows = batch["query_input_ids"].shape[0]
+      if rows % self.chunk_size:
+        raise LossConfigError(
+            f"train.gradcache_chunk_size={self.chunk_size} does not divide the global batch of "
+            f"{rows} rows; choose a divisor of the batch size (or 0 for the plain loss).")
+
+  def initial_params(self) -> dict:
+    """The loss's own trainable parameters (merged into the trainer's params)."""
+    if self.learnable_temperature:
+      return {"log_scale": jnp.asarray(jnp.log(1.0 / self.temperature), jnp.float32)}
+    return {}
+
+
+def scale_of(params: Mapping[str, Any], config: LossConfig) -> jax.Array:
+  """The logit scale t: exp(params["log_scale"]) clipped at MAX_SCALE, or 1 / temperature."""
+  if config.learnable_temperature:
+    return jnp.minimum(jnp.exp(params["log_scale"]), MAX_SCALE)
+  return jnp.asarray(1.0 / config.temperature, jnp.float32)
+
+
+# --- the loss on embeddings -----------------------------------------------------------------------
+def _masked_log_softmax_at_diagonal(logits: jax.Array, same_id: jax.Array | None) -> jax.Array:
+  """-log softmax(logits)[i, i] with off-diagonal same-id entries removed.  logits: [B, N], N >= B."""
+  b = logits.shape[0]
+  if same_id is not None:
+    eye = jnp.eye(b, logits.shape[1], dtype=bool)
+    drop = same_id & ~eye  # [B, N]; the own positive (diagonal) always stays
+    logits = jnp.where(drop, -jnp.inf, logits)
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.diagonal(log_probs)  # [B]
+
+
+def embedding_loss(query_emb: jax.Array, passage_emb: jax.Array, negative_emb: jax.Array | None,
+                   question_id: jax.Array | None, batch_type: jax.Array, scale: jax.Array,
+                   config: LossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """InfoNCE on embeddings of the GLOBAL batch.
+
+  Args:
+    query_emb: [B, D] float32, L2-normalised.
+    passage_emb: [B, D] positives (row i is query i's).
+    negative_emb: [B, D] hard negatives, or None (required when config.hard_negatives).
+    question_id: [B] int; rows with equal ids are never negatives of each other (mask_same_id).
+    batch_type: [B] int in {0 mono, 1 xy, 2 mixed}, for the per-type breakdown.
+    scale: scalar logit scale (1 / temperature).
+  Returns:
+    (mean loss, aux) with aux: loss_per_type_sum [3], rows_per_type [3] (so means can be
+    accumulated over steps), accuracy (query's positive ranked first among its candidates), scale.
+  """
+  query_emb = query_emb.astype(jnp.float32)
+  passage_emb = passage_emb.astype(jnp.float32)
+  b = query_emb.shape[0]
+  same_id = None
+  if config.mask_same_id:
+    same_id = question_id[:, None] == question_id[None, :]  # [B, B]
+
+  # Query -> passage: candidates are [positives (B) | hard negatives (B)]; the label is column i.
+  candidates, candidate_mask = [], []
+  qp = scale * query_emb @ passage_emb.T  # [B, B]
+  if not config.in_batch_negatives:
+    # Only the own positive survives from the positives block.
+    candidate_mask.append(~jnp.eye(b, dtype=bool))
+  elif same_id is not None:
+    candidate_mask.append(same_id)
+  else:
+    candidate_mask.append(jnp.zeros((b, b), bool))
+  candidates.append(qp)
+  if config.hard_negatives:
+    if negative_emb is None:
+      raise LossConfigError("hard_negatives=True but no negative embeddings were given")
+    candidates.append(scale * query_emb @ negative_emb.astype(jnp.float32).T)  # [B, B]
+    candidate_mask.append(jnp.zeros((b, b), bool))  # a hard negative is never a positive
+  logits = jnp.concatenate(candidates, axis=1)  # [B, B or 2B]
+  drop = jnp.concatenate(candidate_mask, axis=1)
+  row_loss = _masked_log_softmax_at_diagonal(logits, drop)  # [B]
+  masked_logits = jnp.where(drop & ~jnp.eye(b, logits.shape[1], dtype=bool), -jnp.inf, logits)
+  accuracy = jnp.mean(jnp.argmax(masked_logits, axis=1) == jnp.arange(b))
+
+  if config.symmetric:
+    # Passage -> query: d+_i against every query, the same rows dropped (the relation is symmetric).
+    pq = qp.T  # [B, B]
+    if not config.in_batch_negatives:
+      pq_drop = ~jnp.eye(b, dtype=bool)
+    else:
+      pq_drop = same_id if same_id is not None else jnp.zeros((b, b), bool)
+    row_loss = 0.5 * (row_loss + _masked_log_softmax_at_diagonal(pq, pq_drop))
+
+  types = jax.nn.one_hot(batch_type, len(BATCH_TYPE_NAMES), dtype=jnp.float32)  # [B, 3]
+  aux = {
+      "loss_per_type_sum": types.T @ row_loss,  # [3]
+      "rows_per_type": types.sum(axis=0),  # [3]
+      "accuracy": accuracy,
+      "scale": jnp.asarray(scale, jnp.float32),
+  }
+  return jnp.mean(row_loss), aux
+
+
+# --- batch -> towers ------------------------------------------------------------------------------
+_TOWERS = (("query", 0), ("passage", 1), ("negative", 2))
+
+
+def _towers(batch: Mapping[str, jax.Array], config: LossConfig):
+  """[(name, input_ids [B, L], attention_mask [B, L], tower index)] the loss encodes."""
+  names = ["query", "passage"] + (["negative"] if config.hard_negatives else [])
+  return [(name, batch[f"{name}_input_ids"], batch[f"{name}_attention_mask"], index)
+          for name, index in _TOWERS if name in names]
+
+
+def _tower_rng(rng: jax.Array | None, tower: int) -> jax.Array | None:
+  return None if rng is None else jax.random.fold_in(rng, tower)
+
+
+def _loss_on_embeddings(embeddings: dict, params: Mapping[str, Any], batch, config: LossConfig):
+  return embedding_loss(embeddings["query"], embeddings["passage"], embeddings.get("negative"),
+                        batch.get("question_id"), batch["batch_type"], scale_of(params, config),
+                        config)
+
+
+# --- plain ----------------------------------------------------------------------------------------
+def batch_loss(encode_fn: EncodeFn, params: Mapping[str, Any], batch: Mapping[str, jax.Array],
+               rng: jax.Array | None, config: LossConfig) -> tuple[jax.Array, dict]:
+  """Encodes every tower of the batch in one go and returns (loss, aux).
+
+  params: {"encoder": encoder params[, "log_scale": scalar]}; rng: dropout key, None = no dropout.
+  """
+  embeddings = {name: encode_fn(params["encoder"], ids, mask, _tower_rng(rng, tower))
+                for name, ids, mask, tower in _towers(batch, config)}
+  return _loss_on_embeddings(embeddings, params, batch, config)
+
+
+def value_and_grad(encode_fn: EncodeFn, params, batch, rng, config: LossConfig):
+  """((loss, aux), grads) with the plain loss, or GradCache when config.chunk_size > 0."""
+  if config.chunk_size:
+    return gradcache_value_and_grad(encode_fn, params, batch, rng, config)
+  return jax.value_and_grad(batch_loss, argnums=1, has_aux=True)(encode_fn, params, batch, rng,
+                                                                  config)
+
+
+# --- GradCache ------------------------------------------------------------------------------------
+def _to_chunks(x: jax.Array, chunk_size: int) -> jax.Array:
+  """[B, ...] -> [B / C, C, ...]; chunk k holds rows k, k + B/C, ... (strided, see module doc)."""
+  num_chunks = x.shape[0] // chunk_size
+  return x.reshape(chunk_size, num_chunks, *x.shape[1:]).swapaxes(0, 1)
+
+
+def _from_chunks(x: jax.Array) -> jax.Array:
+  """Inverse of _to_chunks: [B / C, C, ...] -> [B, ...]."""
+  return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
+
+
+def _chunk_rngs(rng: jax.Array | None, tower: int, num_chunks: int) -> jax.Array | None:
+  if rng is None:
+    return None
+  tower_rng = _tower_rng(rng, tower)
+  return jax.vmap(lambda k: jax.random.fold_in(tower_rng, k))(jnp.arange(num_chunks))
+
+
+def gradcache_value_and_grad(encode_fn: EncodeFn, params, batch, rng, config: LossConfig):
+  """((loss, aux), grads) of `batch_loss`, in memory bounded by config.chunk_size rows.
+
+  See the module docstring for the three passes and their memory. Same signature and result
+  structure as `jax.value_and_grad(batch_loss, argnums=1, has_aux=True)`.
+  """
+  chunk_size = config.chunk_size
+  towers = _towers(batch, config)
+  rows = towers[0][1].shape[0]
+  if rows % chunk_size:
+    raise LossConfigError(f"gradcache chunk size {chunk_size} does not divide the batch of {rows}")
+  num_chunks = rows // chunk_size
+  encoder_params = params["encoder"]
+
+  def encode_chunk(p, ids, mask, key):
+    return encode_fn(p, ids, mask, key)
+
+  # 1. Embeddings of every tower, chunk by chunk, forward only (no activations survive a chunk).
+  embeddings, chunked_inputs = {}, {}
+  for name, ids, mask, tower in towers:
+    keys = _chunk_rngs(rng, tower, num_chunks)
+    xs = (_to_chunks(ids, chunk_size), _to_chunks(mask, chunk_size), keys)
+    chunked_inputs[name] = xs
+    frozen = jax.lax.stop_gradient(encoder_params)
+    emb = jax.lax.map(lambda x, frozen=frozen: encode_chunk(frozen, x[0], x[1], x[2]), xs)
+    embeddings[name] = _from_chunks(emb)  # [B, D]
+
+  # 2. Loss and gradients with respect to the embeddings (and the loss's own parameters).
+  loss_params = {k: v for k, v in params.items() if k != "encoder"}
+
+  def loss_fn(embs, lp):
+    return _loss_on_embeddings(embs, lp, batch, config)
+
+  (loss, aux), (embedding_grads, loss_param_grads) = jax.value_and_grad(
+      loss_fn, argnums=(0, 1), has_aux=True)(embeddings, loss_params)
+
+  # 3. Re-encode chunk by chunk and pull the cached embedding gradients back to the parameters.
+  def backward_chunk(accumulated, x):
+    ids, mask, key, emb_grad = x
+    _, pullback = jax.vjp(lambda p: encode_chunk(p, ids, mask, key), encoder_params)
+    (grad,) = pullback(emb_grad)
+    return jax.tree.map(jnp.add, accumulated, grad), None
+
+  encoder_grads = jax.tree.map(jnp.zeros_like, encoder_params)
+  for name, _, _, _ in towers:
+    ids, mask, keys = chunked_inputs[name]
+    xs = (ids, mask, keys, _to_chunks(embedding_grads[name], chunk_size))
+    encoder_grads, _ = jax.lax.scan(backward_chunk, encoder_grads, xs)
+
+  grads = dict(loss_param_grads)
+  grads["encoder"] = encoder_grads
+  return (loss, aux), grads
