@@ -27,8 +27,9 @@ def data_config(batch_type: str = "hybrid", real_data: bool = False) -> ml_colle
   # --- commonly changed ---
   config.batch_type = batch_type  # mono (X-X-mono) | xy (X-Y) | hybrid | mixed (row-level ablation)
   config.alpha = 0.5  # hybrid: P(batch is mono) (paper: 0.5); mixed: P(row is mono)
-  config.source = "lareqa" if real_data else "synthetic"  # synthetic | lareqa | jsonl
-  config.path = "mlqa-r" if real_data else ""  # lareqa dir / jsonl file; relative: $HYBRID_JAX_DATA
+  config.source = "lareqa" if real_data else "synthetic"  # synthetic | lareqa | jsonl | tfds
+  # lareqa dir / jsonl file (relative: also looked up under $HYBRID_JAX_DATA) / tfds: xquad_r | mlqa_r
+  config.path = "mlqa-r" if real_data else ""
   config.languages = ()  # training languages, in this order; () = every language in the source
   config.language_weighting = "uniform"  # mono language draw: uniform | size | temperature
   config.language_temperature = 0.3  # "temperature" weighting: P(L) ~ (ids in L) ** T
@@ -47,5 +48,7 @@ def data_config(batch_type: str = "hybrid", real_data: bool = False) -> ml_colle
   # --- input pipeline ---
   config.tf_threads = 4  # tf.data thread pool size (TF never touches accelerators)
   config.prefetch_batches = 4  # batches prepared ahead of the train step
+  config.tfds_data_dir = ""  # tfds: prepared datasets ("" = TFDS's default, ~/tensorflow_datasets)
+  config.tfds_manual_dir = ""  # tfds: LAReQA files to prepare from if needed ("" = shared data root)
   config.synthetic = synthetic_config()  # used when source == "synthetic"
   return config

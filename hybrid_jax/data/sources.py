@@ -1,4 +1,5 @@
-"""Data sources -> a `ParallelCorpus`: synthetic, LAReQA directories, parallel-examples JSONL.
+"""Data sources -> a `ParallelCorpus`: synthetic, LAReQA directories, parallel-examples JSONL, and
+the XQuAD-R / MLQA-R TFDS builders (tfds_builders.py; data.path = "xquad_r" | "mlqa_r").
 
 `load_corpus(config.data)` is the one entry point; `lareqa_examples` is also used by the converter
 and the TFDS builders.
@@ -20,7 +21,7 @@ from hybrid_jax.data import lareqa
 from hybrid_jax.data import records
 from hybrid_jax.data import synthetic
 
-SOURCES = ("synthetic", "lareqa", "jsonl")
+SOURCES = ("synthetic", "lareqa", "jsonl", "tfds")
 
 
 def resolve_path(path: str) -> str:
@@ -105,4 +106,13 @@ def load_corpus(data_config) -> records.ParallelCorpus:
     if not path:
       raise records.DataError("data.source='jsonl' needs data.path: a parallel-examples JSONL file.")
     return records.ParallelCorpus.from_examples(records.read_jsonl(path), languages, source=path)
+  if source == "tfds":
+    # Imported here: TFDS (and TensorFlow behind it) is only needed by this source.
+    from hybrid_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+    examples = tfds_builders.load_examples(
+        data_config.path, data_config.get("tfds_data_dir", ""),
+        data_config.get("tfds_manual_dir", ""), data_config.passage_with_context)
+    return records.ParallelCorpus.from_examples(
+        examples, languages, source=f"TFDS {data_config.path} "
+        f"({data_config.get('tfds_data_dir') or 'default data_dir'})")
   raise records.DataError(f"data.source must be one of {SOURCES}, found {source!r}")
