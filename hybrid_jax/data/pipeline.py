@@ -280,7 +280,9 @@ class TrainingData:
     else:
       shares = f"mono {100 * mono:.1f}% / xy {100 * (1 - mono):.1f}% of batches"
     lines += [
-        f"Batches: type {c.batch_type} (alpha {c.alpha}): {shares}; language weighting "
+        f"Batches: type {c.batch_type}"
+        + (f" (alpha {c.alpha})" if c.batch_type in ("hybrid", "mixed") else "")
+        + f": {shares}; language weighting "
         f"{c.language_weighting}" + (f" (T={c.language_temperature})"
                                       if c.language_weighting == "temperature" else ""),
         f"  global batch {global_batch_size}; steps per epoch {self.steps_per_epoch(global_batch_size):.1f}"

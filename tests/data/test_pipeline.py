@@ -134,7 +134,8 @@ def test_summary_reports_languages_batch_types_and_steps_per_epoch(data):
   xy = pipeline.TrainingData.from_config(_small_config(batch_type="xy", language_weighting="size",
                                                        hard_negatives=False))
   text = xy.summary(BATCH)
-  assert "mono 0.0% / xy 100.0% of batches; language weighting size" in text
+  assert "Batches: type xy: mono 0.0% / xy 100.0% of batches; language weighting size" in text
+  assert "Batches: type hybrid (alpha 0.5): mono 50.0%" in data.summary(BATCH)
 
 
 def test_full_experiment_config_runlocal():
