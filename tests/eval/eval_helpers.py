@@ -96,3 +96,69 @@ class OracleEmbedder:
     expected_texts, vectors = self._by_prefix[prefix]
     assert list(texts) == list(expected_texts)
     return vectors.copy()
+
+
+def write_tiny_model(directory: str, texts, *, seed: int = 0, hidden_size: int = 32,
+                     num_layers: int = 2, num_heads: int = 4, max_position: int = 64,
+                     max_vocab: int = 4000) -> str:
+  """A randomly initialised tiny BERT (transformers) + word-level tokenizer, as a HF directory.
+
+  The vocabulary holds the most frequent words of `texts` ([UNK] for the rest). LayerNorm and
+  bias parameters are perturbed so that every tensor matters. Returns `directory`.
+  """
+  import collections  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from tokenizers import models, pre_tokenizers, processors  # pylint: disable=g-import-not-at-top
+
+  specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+  split = pre_tokenizers.Whitespace()
+  counts = collections.Counter(w for t in texts for w, _ in split.pre_tokenize_str(t))
+  words = [w for w, _ in counts.most_common(max_vocab)]
+  vocab = {w: i for i, w in enumerate(specials + words)}
+  tokenizer = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+  tokenizer.pre_tokenizer = split
+  tokenizer.post_processor = processors.TemplateProcessing(
+      single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+  os.makedirs(directory, exist_ok=True)
+  tokenizer.save(os.path.join(directory, "tokenizer.json"))
+  with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+    json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "[PAD]",
+               "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]"}, f)
+
+  torch.manual_seed(seed)
+  config = transformers.BertConfig(
+      vocab_size=len(vocab), hidden_size=hidden_size, num_hidden_layers=num_layers,
+      num_attention_heads=num_heads, intermediate_size=2 * hidden_size + 5,
+      max_position_embeddings=max_position, type_vocab_size=2, pad_token_id=0)
+  model = transformers.BertModel(config, add_pooling_layer=False).eval()
+  with torch.no_grad():
+    for name, tensor in model.named_parameters():
+      if "LayerNorm" in name or name.endswith("bias"):
+        tensor.add_(0.1 * torch.randn_like(tensor))
+  model.save_pretrained(directory)
+  return directory
+
+
+def torch_mean_pooled(model_dir: str, texts, prefix: str = "", max_length: int = 64,
+                      batch_size: int = 16) -> np.ndarray:
+  """Reference embeddings: transformers tokenizer + PyTorch model, mean pooling, L2 norm."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+  model = transformers.AutoModel.from_pretrained(model_dir).eval()
+  out = []
+  for start in range(0, len(texts), batch_size):
+    batch = tokenizer([prefix + t for t in texts[start:start + batch_size]], padding=True,
+                      truncation=True, max_length=max_length, return_tensors="pt")
+    with torch.no_grad():
+      hidden = model(input_ids=batch["input_ids"],
+                     attention_mask=batch["attention_mask"]).last_hidden_state
+    mask = batch["attention_mask"][..., None].float()
+    pooled = (hidden * mask).sum(1) / mask.sum(1)
+    out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
+  return np.concatenate(out)
