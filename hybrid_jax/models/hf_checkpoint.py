@@ -282,3 +282,19 @@ def save_pretrained(out_dir: str, config: encoder_lib.EncoderConfig, params,
     json.dump(hf_config, f, indent=2, sort_keys=True)
   if tokenizer is not None:
     tokenizer.save(out_dir)
+    _name_generic_tokenizer_class(out_dir)
+
+
+def _name_generic_tokenizer_class(out_dir: str) -> None:
+  """Makes transformers' AutoTokenizer load tokenizer.json as it is.
+
+  Without `tokenizer_class`, AutoTokenizer picks the model type's slow-tokenizer class (e.g.
+  XLMRobertaTokenizer), which rejects tokenizer.json files of other kinds (WordLevel, BPE). The
+  generic fast class reads any tokenizer.json, special-token post-processing included.
+  """
+  path = os.path.join(out_dir, tokenization.TOKENIZER_CONFIG_FILE)
+  with open(path, encoding="utf-8") as f:
+    tokenizer_config = json.load(f)
+  tokenizer_config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(tokenizer_config, f, indent=2, ensure_ascii=False)

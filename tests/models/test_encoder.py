@@ -113,7 +113,7 @@ def test_bfloat16_compute_is_close_to_float32_and_params_stay_float32():
   cosine = np.sum(np.asarray(bf16_out.embedding) * np.asarray(fp32_out.embedding), axis=-1)
   assert cosine.min() > 0.999, cosine
   # Parameters are float32 whatever the compute dtype, and so are their gradients.
-  bf16_params = encoder_lib.init_params(bf16, jax.random.key(0))
+  bf16_params = jax.eval_shape(lambda: encoder_lib.init_params(bf16, jax.random.key(0)))
   assert {x.dtype for x in jax.tree.leaves(bf16_params)} == {jnp.dtype(jnp.float32)}
   grads = jax.jit(jax.grad(lambda p: encoder_lib.Encoder(bf16).apply({"params": p}, ids, mask)
                            .embedding.sum()))(params)
@@ -125,9 +125,15 @@ def _tiny_config(**changes) -> encoder_lib.EncoderConfig:
       **changes)
 
 
-def test_dropout_only_when_not_deterministic():
+@pytest.fixture(scope="module")
+def tiny_params():
+  """Randomly initialised parameters of a 1-layer tiny preset, shared to compile init once."""
+  return encoder_lib.init_params(_tiny_config(num_hidden_layers=1), jax.random.key(0))
+
+
+def test_dropout_only_when_not_deterministic(tiny_params):
   config = _tiny_config(num_hidden_layers=1)
-  params = encoder_lib.init_params(config, jax.random.key(0))
+  params = tiny_params
   ids = jnp.arange(2 * 8, dtype=jnp.int32).reshape(2, 8) + 5
   mask = jnp.ones_like(ids)
   apply = jax.jit(encoder_lib.Encoder(config).apply, static_argnames="deterministic")
@@ -145,9 +151,9 @@ def test_dropout_only_when_not_deterministic():
   np.testing.assert_allclose(train_no_dropout.embedding, eval_out, atol=1e-6)
 
 
-def test_remat_gives_the_same_gradients():
+def test_remat_gives_the_same_gradients(tiny_params):
   config = _tiny_config(pooling="cls", num_hidden_layers=1)
-  params = encoder_lib.init_params(config, jax.random.key(0))
+  params = tiny_params
   ids = jnp.arange(3 * 6, dtype=jnp.int32).reshape(3, 6) + 7
   mask = jnp.asarray([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])
 
@@ -164,9 +170,9 @@ def test_remat_gives_the_same_gradients():
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(plain)) > 1e-4
 
 
-def test_logical_axes_match_params_and_use_known_names():
+def test_logical_axes_match_params_and_use_known_names(tiny_params):
   config = _tiny_config(add_pooling_layer=True, pooling="pooler")
-  params = encoder_lib.init_params(config, jax.random.key(0))
+  params = jax.eval_shape(lambda: encoder_lib.init_params(config, jax.random.key(0)))
   axes = encoder_lib.logical_axes(config)
   is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
   assert jax.tree.structure(params) == jax.tree.structure(axes, is_leaf=is_spec)
@@ -177,10 +183,11 @@ def test_logical_axes_match_params_and_use_known_names():
       "vocab", "embed")
   assert axes["encoder"]["layer_1"]["intermediate"]["dense"]["kernel"] == (
       jax.sharding.PartitionSpec("embed", "mlp"))
-  # init_params returns plain arrays, not nn.Partitioned boxes.
-  assert not any(isinstance(x, nn.meta.AxisMetadata)
-                 for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(
-                     x, nn.meta.AxisMetadata)))
+  # init_params returns plain float32 arrays, not nn.Partitioned boxes, with HF's init scale.
+  leaves = jax.tree.leaves(tiny_params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+  assert all(isinstance(x, jax.Array) and x.dtype == jnp.float32 for x in leaves)
+  kernel = tiny_params["encoder"]["layer_0"]["attention"]["self"]["query"]["kernel"]
+  assert 0.015 < float(jnp.std(kernel)) < 0.025  # normal(0.02), BERT's initializer_range
 
 
 def test_config_round_trips_and_presets_build():
