@@ -58,21 +58,30 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 def train_config() -> ml_collections.ConfigDict:
   """The `config.train` section: optimisation, loss, logging, checkpoints (owned by trainer.py)."""
   config = ml_collections.ConfigDict()
+  # --- commonly changed ---
   config.batch_size = 100  # GLOBAL batch (query-passage pairs); per-host/device sizes derived
   config.num_steps = 10_000  # total optimizer steps
   config.learning_rate = 3e-5  # AdamW peak learning rate (paper)
+  config.warmup_steps = 1000  # linear warmup from 0, then linear decay to 0 at num_steps
+  # --- optimizer ---
   config.weight_decay = 0.01  # AdamW decoupled weight decay, not on biases/LayerNorm (paper)
-  config.warmup_steps = 1000  # linear warmup, then linear decay to 0
+  config.adam_b1 = 0.9
+  config.adam_b2 = 0.999
+  config.adam_eps = 1e-8
   config.grad_clip_norm = 1.0  # global-norm gradient clipping (0 = off)
+  # --- loss (hybrid_jax/losses.py) ---
   config.temperature = 0.05  # InfoNCE temperature (scale 1/0.05, the paper leaves it open)
-  config.learnable_temperature = False
+  config.learnable_temperature = False  # train log(scale), CLIP-style (initial: 1/temperature)
+  config.in_batch_negatives = True  # other rows' positives are negatives (hard negatives: data.)
   config.symmetric_loss = False  # add the passage -> query term
   config.mask_same_id = True  # rows sharing a question id are never negatives of each other
   config.gradcache_chunk_size = 0  # >0: GradCache re-encoding in chunks of this many rows
-  config.log_every_steps = 50
-  config.eval_every_steps = 500  # validation loss (and best checkpoint)
-  config.checkpoint_every_steps = 500
-  config.keep_checkpoints = 3
+  # --- logging, validation, checkpoints ---
+  config.log_every_steps = 50  # metrics (TensorBoard + metrics.jsonl) and the console line
+  config.eval_every_steps = 500  # validation loss (and best checkpoint); 0 = only at the end
+  config.checkpoint_every_steps = 500  # full-state Orbax checkpoint (async)
+  config.keep_checkpoints = 3  # full-state checkpoints kept (the best one is kept separately)
+  config.shared_filesystem = False  # True: a local --workdir path is visible from every host (NFS)
   return config
 
 
@@ -102,10 +111,17 @@ def build_config(backbone: str, batch_type: str, arg: str | None = None,
   config = ml_collections.ConfigDict()
   config.seed = 0  # parameter init and dropout; data order has its own seed (data.seed)
   config.model = presets.model_config("tiny" if args.runlocal else backbone)
-  config.data = data_defaults.data_config(batch_type)
+  # Compute dtype: "auto" = bfloat16 on TPU/GPU, float32 on CPU (parameters are always float32).
+  config.model.dtype = "auto"
+  # Full runs train on the real parallel QA pairs; :runlocal on the built-in synthetic data.
+  config.data = data_defaults.data_config(batch_type, real_data=not args.runlocal)
   config.train = train_config()
   config.mesh = mesh_config()
   config.evals = eval_defaults.evals_config()
+  if backbone == "me5-small" and not args.runlocal:
+    # The offline multilingual-e5-small, converted once by `python -m hybrid_jax.models.e5_convert`.
+    from hybrid_jax.models import e5_convert  # pylint: disable=g-import-not-at-top
+    config.model.init_from = e5_convert.default_dir()
   if args.runlocal:
     config.train.batch_size = 32
     config.train.num_steps = 300
@@ -114,6 +130,9 @@ def build_config(backbone: str, batch_type: str, arg: str | None = None,
     config.train.log_every_steps = 25
     config.train.eval_every_steps = 100
     config.train.checkpoint_every_steps = 100
+    # The grid on the synthetic data's held-out ids, at the end of training (eval/synthetic_eval.py).
+    config.evals = ml_collections.ConfigDict({"synthetic": {
+        "type": "synthetic", "every_steps": 0, "groups": {}}})
   if args.alpha >= 0:
     config.data.alpha = args.alpha
   if args.steps:

@@ -245,6 +245,10 @@ def build_evaluators(evals_config: Mapping, *, query_prefix: str = "Query: ",
     elif kind == "beir":
       evaluators[name] = BeirEvaluator(spec.get("data_dir", ""), spec.get("split", "test"),
                                        spec.get("lang") or None, name, **common)
+    elif kind == "synthetic":  # the built-in synthetic data's held-out ids (eval/synthetic_eval.py)
+      from hybrid_jax.eval import synthetic_eval  # pylint: disable=g-import-not-at-top
+      evaluators[name] = synthetic_eval.SyntheticEvaluator(spec.get("synthetic"), **common)
     else:
-      raise ValueError(f"config.evals.{name}.type = {kind!r}; expected 'lareqa' or 'beir'")
+      raise ValueError(f"config.evals.{name}.type = {kind!r}; expected 'lareqa', 'beir' or "
+                       "'synthetic'")
   return evaluators

@@ -1,0 +1,54 @@
+r"""Trains a multilingual dual encoder with hybrid batches.
+
+    python -m hybrid_jax.train --config=configs/xlmr_hybrid.py --workdir=gs://bucket/run1
+    python -m hybrid_jax.train --config=configs/xlmr_hybrid.py:runlocal --workdir=/tmp/hybrid_demo
+    python -m hybrid_jax.train --config=configs/me5_hybrid.py:runlocal,alpha=0.3 \
+        --config.train.learning_rate=5e-4 --workdir=/tmp/run
+
+Re-running the same command resumes from the newest checkpoint in --workdir. Everything happens
+in hybrid_jax.trainer.train_and_evaluate; this file only parses flags.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, optionally with an argument: FILE.py:runlocal,alpha=0.3",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and evaluation "
+                               "results (gs://... with several hosts).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() first (multi-host TPU/GPU; the "
+    "launch scripts set this).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax logs every checkpoint file operation at INFO; the trainer prints its own progress.
+    logging.set_verbosity(logging.WARNING)
+  import jax  # pylint: disable=g-import-not-at-top
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  from hybrid_jax import trainer  # pylint: disable=g-import-not-at-top
+  try:
+    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except ValueError as e:
+    # Config, path and data problems a user can fix: the message says what and how.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except trainer.TrainingDivergedError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
+
+
+if __name__ == "__main__":
+  app.run(main)
