@@ -16,7 +16,7 @@ from hybrid_jax.models import encoder as encoder_lib
 from hybrid_jax.models import hf_checkpoint
 from hybrid_jax.models import presets
 from torch_reference import Case  # tests/models/torch_reference.py
-from torch_reference import l2_normalize, padded_batch, torch_model, torch_outputs, state_dict_numpy
+from torch_reference import l2_normalize, padded_batch, state_dict_numpy, torch_model, torch_outputs
 
 PARITY_TOL = 1e-4
 # Odd hidden sizes with matching head counts, 1-4 layers, both families, with and without pooler.
@@ -115,8 +115,8 @@ def test_bfloat16_compute_is_close_to_float32_and_params_stay_float32():
   # Parameters are float32 whatever the compute dtype, and so are their gradients.
   bf16_params = jax.eval_shape(lambda: encoder_lib.init_params(bf16, jax.random.key(0)))
   assert {x.dtype for x in jax.tree.leaves(bf16_params)} == {jnp.dtype(jnp.float32)}
-  grads = jax.jit(jax.grad(lambda p: encoder_lib.Encoder(bf16).apply({"params": p}, ids, mask)
-                           .embedding.sum()))(params)
+  grads = jax.eval_shape(jax.grad(
+      lambda p: encoder_lib.Encoder(bf16).apply({"params": p}, ids, mask).embedding.sum()), params)
   assert {x.dtype for x in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
 
 
@@ -133,41 +133,47 @@ def tiny_params():
 
 def test_dropout_only_when_not_deterministic(tiny_params):
   config = _tiny_config(num_hidden_layers=1)
-  params = tiny_params
+  no_dropout = config.replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
   ids = jnp.arange(2 * 8, dtype=jnp.int32).reshape(2, 8) + 5
   mask = jnp.ones_like(ids)
-  apply = jax.jit(encoder_lib.Encoder(config).apply, static_argnames="deterministic")
-  eval_out = apply({"params": params}, ids, mask).embedding
-  train_a = apply({"params": params}, ids, mask, deterministic=False,
-                  rngs={"dropout": jax.random.key(1)}).embedding
-  train_b = apply({"params": params}, ids, mask, deterministic=False,
-                  rngs={"dropout": jax.random.key(2)}).embedding
+
+  @jax.jit
+  def embeddings(params):  # one compile for all variants
+    def run(cfg, deterministic, seed):
+      return encoder_lib.Encoder(cfg).apply(
+          {"params": params}, ids, mask, deterministic=deterministic,
+          rngs={"dropout": jax.random.key(seed)}).embedding
+    return (run(config, True, 0), run(config, False, 1), run(config, False, 2),
+            run(no_dropout, False, 1))
+
+  eval_out, train_a, train_b, train_no_dropout = embeddings(tiny_params)
   assert np.abs(train_a - eval_out).max() > 1e-3
   assert np.abs(train_a - train_b).max() > 1e-3
-  no_dropout = config.replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-  train_no_dropout = jax.jit(encoder_lib.Encoder(no_dropout).apply,
-                             static_argnames="deterministic")(
-      {"params": params}, ids, mask, deterministic=False, rngs={"dropout": jax.random.key(1)})
-  np.testing.assert_allclose(train_no_dropout.embedding, eval_out, atol=1e-6)
+  np.testing.assert_allclose(train_no_dropout, eval_out, atol=1e-6)
 
 
 def test_remat_gives_the_same_gradients(tiny_params):
   config = _tiny_config(pooling="cls", num_hidden_layers=1)
-  params = tiny_params
   ids = jnp.arange(3 * 6, dtype=jnp.int32).reshape(3, 6) + 7
   mask = jnp.asarray([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])
 
-  def grads(cfg):
+  def grads(cfg, params):
     def loss(p):
+      # With dropout on: the recomputed forward pass must replay the same dropout masks.
       out = encoder_lib.Encoder(cfg).apply({"params": p}, ids, mask, deterministic=False,
                                            rngs={"dropout": jax.random.key(3)})
       return jnp.sum(out.embedding[0] * out.embedding[1:])
-    return jax.jit(jax.grad(loss))(params)
+    return jax.grad(loss)(params)
 
-  plain, remat = grads(config), grads(config.replace(remat=True))
+  plain, remat = jax.jit(lambda p: (grads(config, p), grads(config.replace(remat=True), p)))(
+      tiny_params)
   diffs = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), plain, remat)
   assert max(jax.tree.leaves(diffs)) <= 1e-6
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(plain)) > 1e-4
+  # remat is really on: the gradient's jaxpr holds a rematerialised (checkpoint) region.
+  assert "remat" in str(jax.make_jaxpr(lambda p: grads(config.replace(remat=True), p))(
+      tiny_params))
+  assert "remat" not in str(jax.make_jaxpr(lambda p: grads(config, p))(tiny_params))
 
 
 def test_logical_axes_match_params_and_use_known_names(tiny_params):

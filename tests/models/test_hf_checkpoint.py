@@ -18,7 +18,7 @@ from hybrid_jax.data import tokenization
 from hybrid_jax.models import encoder as encoder_lib
 from hybrid_jax.models import hf_checkpoint
 from torch_reference import Case  # tests/models/torch_reference.py
-from torch_reference import l2_normalize, padded_batch, torch_model, torch_outputs
+from torch_reference import l2_normalize, padded_batch, state_dict_numpy, torch_model, torch_outputs
 
 PARITY_TOL = 1e-4
 BERT = Case("bert", hidden_size=36, num_attention_heads=6, num_hidden_layers=2,
@@ -90,10 +90,10 @@ def test_import_strips_the_task_model_prefix(tmp_path):
 def test_export_loads_in_transformers_with_the_same_outputs(tmp_path, case, pooling):
   config = encoder_lib.EncoderConfig.from_hf_config(
       case.hf_config().to_dict(), add_pooling_layer=case.add_pooling_layer, pooling=pooling)
-  # Random params with non-trivial LayerNorms and biases, so every tensor's mapping matters.
-  params = encoder_lib.init_params(config, jax.random.key(7))
-  params = jax.tree.map(lambda x: np.asarray(x) + np.float32(0.05) * np.random.default_rng(
-      x.size).standard_normal(x.shape, dtype=np.float32), params)
+  # Random params with non-trivial LayerNorms and biases (torch_model perturbs them), so every
+  # tensor's mapping matters; taken from a torch model of another seed to skip an init compile.
+  params = hf_checkpoint.params_from_state_dict(config, state_dict_numpy(torch_model(case, 7)))
+  params = jax.tree.map(lambda x: x * np.float32(1.5), params)  # unlike anything torch made
   tokenizer = _word_level_tokenizer(case.vocab_size)
   hf_checkpoint.save_pretrained(str(tmp_path), config, params, tokenizer)
 
@@ -213,8 +213,9 @@ def test_pooler_pooling_without_pooler_weights(tmp_path):
 
 
 def test_save_rejects_params_that_do_not_match_the_config(tmp_path):
-  config = encoder_lib.EncoderConfig.from_hf_config(BERT.hf_config().to_dict())
-  params = jax.tree.map(np.asarray, encoder_lib.init_params(config, jax.random.key(0)))
+  config = encoder_lib.EncoderConfig.from_hf_config(BERT.hf_config().to_dict(),
+                                                    add_pooling_layer=True)
+  params = hf_checkpoint.params_from_state_dict(config, state_dict_numpy(torch_model(BERT)))
   with pytest.raises(hf_checkpoint.CheckpointError, match="word_embeddings"):
     hf_checkpoint.save_pretrained(str(tmp_path), config.replace(vocab_size=50), params)
   assert not (tmp_path / "model.safetensors").exists()
