@@ -259,7 +259,12 @@ class TrainingData:
     return self.num_train_queries / global_batch_size
 
   def summary(self, global_batch_size: int) -> str:
-    """Text for the start of training: sizes per language, batch-type shares, steps per epoch."""
+    """Text for the start of training: sizes per language, batch-type shares, steps per epoch.
+
+    Also validates the batch size (divisibility, repeat policy), so that a trainer printing the
+    summary first fails before it compiles anything.
+    """
+    self.sampler.check_batch_size(global_batch_size)
     c = self.config
     train_counts = self.sampler.counts
     presence = self.corpus.presence

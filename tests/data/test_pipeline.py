@@ -174,6 +174,8 @@ def test_errors_come_before_any_batch(tmp_path):
   data = pipeline.TrainingData.from_config(config, tokenizer=tokenizer)  # 36 train ids
   with pytest.raises(records.DataError, match="global batch size 40 cannot be filled"):
     data.train_batches(40)
+  with pytest.raises(records.DataError, match="global batch size 40 cannot be filled"):
+    data.summary(40)  # the trainer prints the summary before compiling
   with pytest.raises(records.DataError, match="not divisible by the number of processes 3"):
     data.train_batches(16, process_count=3)
   config.repeat_policy = "repeat"
