@@ -333,6 +333,12 @@ class Encoder(nn.Module):
       deterministic: False enables dropout (rng collection "dropout").
     """
     cfg = self.config
+    if input_ids.shape[-1] > cfg.max_sequence_length:
+      # Checked at trace time: past the position table, jnp's gather would silently clamp.
+      raise EncoderConfigError(
+          f"input length {input_ids.shape[-1]} exceeds the {cfg.max_sequence_length} positions "
+          f"this {cfg.model_type} encoder has (max_position_embeddings="
+          f"{cfg.max_position_embeddings}); truncate the inputs (max_length).")
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
     mask = attention_mask.astype(jnp.bool_)

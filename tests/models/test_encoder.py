@@ -207,6 +207,15 @@ def test_config_round_trips_and_presets_build():
   assert shapes["embeddings"]["word_embeddings"]["embedding"].shape == (512, 64)
 
 
+def test_too_long_input_is_a_clear_error():
+  config = _our_config(CASES[2])  # RoBERTa: 40 positions minus pad_token_id + 1 = 38 usable
+  assert config.max_sequence_length == 38
+  shapes = jax.eval_shape(lambda: encoder_lib.init_params(config, jax.random.key(0)))
+  ids = jnp.full((1, 39), 5, jnp.int32)
+  with pytest.raises(ValueError, match="input length 39 exceeds the 38 positions"):
+    jax.eval_shape(encoder_lib.Encoder(config).apply, {"params": shapes}, ids, jnp.ones_like(ids))
+
+
 @pytest.mark.parametrize("changes, message", [
     (dict(model_type="gpt2"), "model_type 'gpt2'"),
     (dict(num_attention_heads=5), "not divisible by num_attention_heads"),
