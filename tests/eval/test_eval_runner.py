@@ -7,6 +7,7 @@ export/import round trip, the embedding cache and the compare command on the out
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -155,14 +156,17 @@ def test_compare_cli_on_two_runs(oracle_run, subset, tmp_path):
 
 
 def test_evaluate_model_cli_export_and_cache(subset, tmp_path, capsys):
-  """`--model` on a tiny random model; its exported embeddings score the same via --embeddings."""
+  """`--model` on a tiny random model; its exported embeddings score the same via --embeddings.
+
+  batch_size 4096 puts each side in one batch: two compiled shapes (compiling is what costs here).
+  """
   langs = ["en", "de"]
   texts = [t for t, lang in zip(subset.query_texts, subset.query_langs) if lang in langs]
   texts += [t for t, lang in zip(subset.candidate_texts, subset.candidate_langs) if lang in langs]
   model = write_tiny_model(str(tmp_path / "tiny"), texts, max_position=64)
   out, exported = tmp_path / "out", tmp_path / "exported"
   args = [f"--model={model}", "--dataset=xquad-r", "--languages=en,de", f"--output_dir={out}",
-          "--query_max_length=32", "--passage_max_length=48", "--batch_size=256",
+          "--query_max_length=32", "--passage_max_length=48", "--batch_size=4096",
           f"--export_embeddings={exported}"]
   result = _run_cli("hybrid_jax.evaluate", *args)
   assert result.returncode == 0, result.stderr
@@ -188,7 +192,7 @@ def test_evaluate_model_cli_export_and_cache(subset, tmp_path, capsys):
   capsys.readouterr()
   cached = runner.run(runner.RunOptions(
       model=model, languages=("en", "de"), output_dir=str(out), query_max_length=32,
-      passage_max_length=48, batch_size=256))
+      passage_max_length=48, batch_size=4096))
   err = capsys.readouterr().err
   assert "reusing cached queries embeddings" in err and "reusing cached candidates" in err
   assert "embedding queries" not in err and cached == from_model
@@ -212,3 +216,37 @@ def test_clear_errors(subset, tmp_path):
   assert result.returncode == 2
   assert "error: --model=" in result.stderr and "is not a directory" in result.stderr
   assert "Traceback" not in result.stderr
+
+
+def test_evaluate_workdir_source(subset, tmp_path):
+  """--workdir: parameters read by checkpointing.load_params score like the same model's
+  Hugging Face directory (checked on en->en, which no other language affects)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from hybrid_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from hybrid_jax.models import hf_checkpoint  # pylint: disable=g-import-not-at-top
+
+  texts = [t for t, lang in zip(subset.query_texts + subset.candidate_texts,
+                                subset.query_langs + subset.candidate_langs) if lang == "en"]
+  model = write_tiny_model(str(tmp_path / "tiny"), texts, max_position=64, seed=3)
+  pretrained = hf_checkpoint.load_pretrained(model)
+  workdir = str(tmp_path / "run")
+  checkpointing.write_run_files(workdir, ml_collections.ConfigDict({"seed": 0}),
+                                pretrained.config, pretrained.tokenizer)
+  checkpointer = checkpointing.Checkpointer(workdir, every_steps=1, keep=1, async_save=False)
+  checkpointer.save_best(5, {"encoder": pretrained.params}, validation_loss=1.0)
+  checkpointer.close()
+  options = runner.RunOptions(workdir=workdir, step="best", languages=("en",), query_max_length=32,
+                              passage_max_length=48, batch_size=4096, show_progress=False,
+                              export_embeddings=str(tmp_path / "exported"))
+  results = runner.run(options)
+  assert os.path.isfile(os.path.join(workdir, "eval", "xquad-r-stepbest", "results.json"))
+  (entry,) = results["settings"]
+  assert entry["num_queries"] == 1190 and 0.01 < entry["map"] < 0.9
+  # The run's query embeddings are the Hugging Face directory's, row for row.
+  _, queries = embeddings_io.load(str(tmp_path / "exported"), "queries")
+  en = subset.subset_languages(["en"])
+  direct = inference.TextEmbedder.from_pretrained(model, max_length=32).embed(
+      en.query_texts[:40], prefix="Query: ")
+  np.testing.assert_allclose(queries[:40], direct, atol=1e-6)
+  with pytest.raises(ValueError, match=r"no checkpoint at step 7"):
+    runner.run(dataclasses.replace(options, step="7"))
