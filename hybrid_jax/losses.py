@@ -256,8 +256,24 @@ def batch_loss(encode_fn: EncodeFn, params: Mapping[str, Any], batch: Mapping[st
 
   params: {"encoder": encoder params[, "log_scale": scalar]}; rng: dropout key, None = no dropout.
   """
-  embeddings = {name: encode_fn(params["encoder"], ids, mask, _tower_rng(rng, tower))
-                for name, ids, mask, tower in _towers(batch, config)}
+  # Towers with the same padded length go through the encoder as ONE call of [B * k, L] rows: one
+  # encoder graph to compile instead of k, and bigger matmuls. Rows are independent, so the
+  # embeddings are the same as with separate calls (dropout masks differ, as with any key).
+  groups: dict[int, list] = {}
+  for name, ids, mask, tower in _towers(batch, config):
+    groups.setdefault(ids.shape[1], []).append((name, ids, mask, tower))
+  # Rows are interleaved ([B, k, L] -> [B * k, L]), not concatenated, so that each device's block
+  # of the batch stays on that device: no resharding under data parallelism.
+  embeddings = {}
+  for members in groups.values():
+    ids = jnp.stack([m[1] for m in members], axis=1)  # [B, k, L]
+    mask = jnp.stack([m[2] for m in members], axis=1)
+    b, k, length = ids.shape
+    emb = encode_fn(params["encoder"], ids.reshape(b * k, length), mask.reshape(b * k, length),
+                    _tower_rng(rng, members[0][3]))
+    emb = emb.reshape(b, k, -1)  # [B, k, D]
+    for i, (name, *_rest) in enumerate(members):
+      embeddings[name] = emb[:, i]
   return _loss_on_embeddings(embeddings, params, batch, config)
 
 

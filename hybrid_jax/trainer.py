@@ -23,16 +23,19 @@ update step, checkpoint/resume, evaluators, loop.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import os
 import sys
 import time
-from typing import Any, Mapping
+from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from clu import metric_writers
@@ -311,9 +314,14 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+@functools.lru_cache(maxsize=4)
+def _replicate_fn(mesh):
+  return jax.jit(lambda p: p, out_shardings=sharding.replicated(mesh))
+
+
 def _host_params(params, mesh) -> Any:
   """A full float32 NumPy copy of (possibly sharded, possibly multi-host) parameters."""
-  full = jax.jit(lambda p: p, out_shardings=sharding.replicated(mesh))(params)
+  full = _replicate_fn(mesh)(params)
   return jax.tree.map(lambda x: np.asarray(x.addressable_data(0), np.float32), full)
 
 
@@ -395,6 +403,82 @@ class _Evaluation:
            + (f"; files in {output_dir}" if output_dir else ""))
 
 
+# --- sharding and the update step ------------------------------------------------------------------
+_OPTIMIZER_FIELDS = ("learning_rate", "warmup_steps", "num_steps", "weight_decay", "adam_b1",
+                     "adam_b2", "adam_eps", "grad_clip_norm")
+
+
+def _optimizer_fields(train) -> tuple:
+  return tuple((k, train[k]) for k in _OPTIMIZER_FIELDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFunctions:
+  """Everything jit'd for one (encoder, loss, optimizer, seed, mesh): abstract state, shardings,
+  init, the train step (donated state) and the validation step."""
+  abstract_params: Any
+  param_shardings: Any
+  abstract_opt_state: Any
+  opt_shardings: Any
+  init_params: Any  # () -> params, born sharded
+  init_opt_state: Any  # params -> opt_state
+  train_step: Any  # (TrainState, batch) -> (TrainState, metrics)
+  eval_step: Any  # (params, batch) -> metrics (no dropout)
+
+
+@functools.lru_cache(maxsize=4)
+def _step_functions(encoder_config: encoder_lib.EncoderConfig, loss_cfg: losses.LossConfig,
+                    optimizer_fields: tuple, seed: int, mesh) -> StepFunctions:
+  """Cached, so that runs in one process with the same shapes (an alpha sweep, mono vs X-Y, a
+  resume) reuse the compiled step: jax caches compilations per jitted function object."""
+  train = dict(optimizer_fields)
+  tx, schedule = make_optimizer(ml_collections.ConfigDict(train))
+  replicated = sharding.replicated(mesh)
+  encode_fn = make_encode_fn(encoder_config)
+  base_key = jax.random.key(seed)
+  # Dropout bits from the RBG generator: much cheaper to compile and run than threefry on CPU and
+  # TPU, and still a pure function of (seed, step), which exact resume needs.
+  dropout_key = jax.random.key(seed, impl="rbg")
+
+  def init_params(key):
+    return {"encoder": encoder_lib.init_params(encoder_config, key), **loss_cfg.initial_params()}
+
+  # Shapes first, then shardings from the logical axis names; nothing is allocated yet.
+  abstract_params = jax.eval_shape(init_params, base_key)
+  param_shardings = {
+      "encoder": sharding.param_shardings(mesh, encoder_lib.logical_axes(encoder_config),
+                                          abstract_params["encoder"]),
+      **{k: replicated for k in abstract_params if k != "encoder"}}
+  abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
+  opt_shardings = _opt_state_shardings(abstract_opt_state, abstract_params, param_shardings,
+                                       replicated)
+  state_shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
+
+  def train_step(state: TrainState, batch):
+    key = jax.random.fold_in(dropout_key, state.step)
+    (loss, aux), grads = losses.value_and_grad(encode_fn, state.params, batch, key, loss_cfg)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(aux, loss=loss, learning_rate=schedule(state.step),
+                   grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
+                   update_norm=optax.global_norm(updates))
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  def eval_step(params, batch):
+    loss, aux = losses.batch_loss(encode_fn, params, batch, None, loss_cfg)
+    return dict(aux, loss=loss)
+
+  init_jit = jax.jit(init_params, out_shardings=param_shardings)
+  return StepFunctions(
+      abstract_params=abstract_params, param_shardings=param_shardings,
+      abstract_opt_state=abstract_opt_state, opt_shardings=opt_shardings,
+      init_params=lambda: init_jit(base_key),
+      init_opt_state=jax.jit(tx.init, out_shardings=opt_shardings),
+      train_step=jax.jit(train_step, out_shardings=(state_shardings, replicated),
+                         donate_argnums=0),
+      eval_step=jax.jit(eval_step, out_shardings=replicated))
+
+
 # --- the run --------------------------------------------------------------------------------------
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains (or resumes) the run in `workdir`; returns final metrics and evaluation results."""
@@ -440,48 +524,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
     raise TrainConfigError(
         f"data.query_max_length/passage_max_length ({longest}) exceed the encoder's "
         f"{encoder_config.max_sequence_length} positions; lower them.")
-  encode_fn = make_encode_fn(encoder_config)
   checkpointing.write_run_files(workdir, config, encoder_config, tokenizer)
   _log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices "
        f"({jax.process_count()} processes); batch {sizes.global_size} global, {sizes.per_host} per "
        f"host, {sizes.per_device} per device; compute {encoder_config.dtype}; "
        f"{'GradCache chunks of %d' % loss_cfg.chunk_size if loss_cfg.chunk_size else 'plain loss'}")
 
-  # --- sharding -----------------------------------------------------------------------------------
-  tx, schedule = make_optimizer(train)
-  base_key = jax.random.key(config.seed)
-
-  def init_params(key):
-    return {"encoder": encoder_lib.init_params(encoder_config, key), **loss_cfg.initial_params()}
-
-  abstract_params = jax.eval_shape(init_params, base_key)
-  param_shardings = {
-      "encoder": sharding.param_shardings(mesh, encoder_lib.logical_axes(encoder_config),
-                                          abstract_params["encoder"]),
-      **{k: replicated for k in abstract_params if k != "encoder"}}
-  abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
-  opt_shardings = _opt_state_shardings(abstract_opt_state, abstract_params, param_shardings,
-                                       replicated)
-  state_shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
-
-  # --- update step --------------------------------------------------------------------------------
-  def train_step(state: TrainState, batch):
-    key = jax.random.fold_in(base_key, state.step)
-    (loss, aux), grads = losses.value_and_grad(encode_fn, state.params, batch, key, loss_cfg)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = dict(aux, loss=loss, learning_rate=schedule(state.step),
-                   grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
-                   update_norm=optax.global_norm(updates))
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-  def eval_step(params, batch):
-    loss, aux = losses.batch_loss(encode_fn, params, batch, None, loss_cfg)
-    return dict(aux, loss=loss)
-
-  train_step_jit = jax.jit(train_step, out_shardings=(state_shardings, replicated),
-                           donate_argnums=0)
-  eval_step_jit = jax.jit(eval_step, out_shardings=replicated)
+  # --- sharding + update step (built once per model/loss/optimizer/mesh, see _step_functions) -----
+  fns = _step_functions(encoder_config, loss_cfg, _optimizer_fields(train), int(config.seed), mesh)
+  abstract_params, param_shardings = fns.abstract_params, fns.param_shardings
+  abstract_opt_state, opt_shardings = fns.abstract_opt_state, fns.opt_shardings
+  train_step_jit, eval_step_jit = fns.train_step, fns.eval_step
   features = loss_cfg.required_features()
 
   def to_global(host_batch):
@@ -504,8 +557,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       params = jax.device_put({"encoder": pretrained.params, **loss_cfg.initial_params()},
                               param_shardings)
     else:
-      params = jax.jit(init_params, out_shardings=param_shardings)(base_key)
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+      params = fns.init_params()
+    opt_state = fns.init_opt_state(params)
     state = TrainState(step=jax.device_put(jnp.int32(0), replicated), params=params,
                        opt_state=opt_state)
   start_step = int(init.step) if init.kind == "resume" else 0
