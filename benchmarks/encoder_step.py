@@ -43,11 +43,11 @@ SHAPES = {
     # A laptop-sized model: fast enough to iterate on.
     "small": dict(model_type="xlm-roberta", vocab_size=32000, hidden_size=256,
                   num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
-                  batch_size=16, seq_len=128, steps=6, rounds=4),
+                  batch_size=16, seq_len=128, steps=6, rounds=4, warmup=2),
     # XLM-R base (the paper's backbone): 12 layers, hidden 768, 250k vocabulary.
     "xlmr-base": dict(model_type="xlm-roberta", vocab_size=250002, hidden_size=768,
                       num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                      batch_size=8, seq_len=128, steps=1, rounds=3),
+                      batch_size=8, seq_len=128, steps=1, rounds=3, warmup=1),
 }
 SCALE = 20.0  # InfoNCE logit scale (1 / temperature 0.05)
 LEARNING_RATE, WEIGHT_DECAY = 3e-5, 0.01
@@ -64,7 +64,7 @@ def parse_args():
   parser.add_argument("--seq_len", type=int, help="override the shape's padded length")
   parser.add_argument("--steps", type=int, help="timed steps per round and side")
   parser.add_argument("--rounds", type=int, help="interleaved timing rounds")
-  parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side")
+  parser.add_argument("--warmup", type=int, help="untimed steps per side (compile included)")
   parser.add_argument("--dropout", type=float, default=0.1, help="hidden and attention dropout")
   parser.add_argument("--dtype", default="float32", help="our compute dtype (torch stays fp32)")
   parser.add_argument("--sides", choices=("both", "ours", "torch"), default="both",
@@ -72,7 +72,7 @@ def parse_args():
                       "not slow each other down when interleaved)")
   args = parser.parse_args()
   shape = dict(SHAPES[args.shape])
-  for name in ("batch_size", "seq_len", "steps", "rounds"):
+  for name in ("batch_size", "seq_len", "steps", "rounds", "warmup"):
     if getattr(args, name) is not None:
       shape[name] = getattr(args, name)
   if shape["batch_size"] % 2:
@@ -206,11 +206,12 @@ def main():
   if not time_torch:
     run_torch = lambda steps: float("nan")  # noqa: E731
   start = time.perf_counter()
-  run_ours(args.warmup)
-  _log(f"ours: warm-up {args.warmup} steps (compile included) {time.perf_counter() - start:.1f}s")
+  run_ours(shape["warmup"])
+  _log(f"ours: warm-up {shape['warmup']} steps (compile included) "
+       f"{time.perf_counter() - start:.1f}s")
   start = time.perf_counter()
-  run_torch(args.warmup)
-  _log(f"torch: warm-up {args.warmup} steps {time.perf_counter() - start:.1f}s")
+  run_torch(shape["warmup"])
+  _log(f"torch: warm-up {shape['warmup']} steps {time.perf_counter() - start:.1f}s")
 
   ours_time = torch_time = 0.0
   rounds, steps = shape["rounds"], shape["steps"]

@@ -158,7 +158,7 @@ class EncoderConfig:
     return cls(**values)
 
   def to_hf_config(self) -> dict:
-    """A Hugging Face `config.json` dict that `transformers.AutoModel` builds the same model from."""
+    """A Hugging Face `config.json` dict; `transformers.AutoModel` builds the same model from it."""
     config = {k: getattr(self, k) for k in _HF_FIELDS}
     config["architectures"] = [_HF_ARCHITECTURES[self.model_type]]
     config["initializer_range"] = _INIT_STD

@@ -1,4 +1,4 @@
-"""Encoder tests: numerical parity with PyTorch transformers, dtypes, dropout, remat, axes, config."""
+"""Encoder tests: parity with PyTorch transformers, dtypes, dropout, remat, logical axes, config."""
 
 from __future__ import annotations
 
@@ -21,8 +21,10 @@ from torch_reference import l2_normalize, padded_batch, state_dict_numpy, torch_
 PARITY_TOL = 1e-4
 # Odd hidden sizes with matching head counts, 1-4 layers, both families, with and without pooler.
 CASES = [
-    Case("bert", hidden_size=36, num_attention_heads=6, num_hidden_layers=1, add_pooling_layer=True),
-    Case("bert", hidden_size=60, num_attention_heads=5, num_hidden_layers=4, add_pooling_layer=False),
+    Case("bert", hidden_size=36, num_attention_heads=6, num_hidden_layers=1,
+         add_pooling_layer=True),
+    Case("bert", hidden_size=60, num_attention_heads=5, num_hidden_layers=4,
+         add_pooling_layer=False),
     Case("xlm-roberta", hidden_size=60, num_attention_heads=4, num_hidden_layers=2,
          add_pooling_layer=True),
     Case("xlm-roberta", hidden_size=36, num_attention_heads=3, num_hidden_layers=3,
