@@ -145,6 +145,14 @@ class EncoderConfig:
       raise EncoderConfigError(
           f"config.json has model_type {model_type!r}; hybrid_jax supports {list(MODEL_TYPES)} "
           "(BERT, e.g. LaBSE and multilingual-e5, and XLM-R/RoBERTa).")
+    position_type = hf_config.get("position_embedding_type", "absolute")
+    if position_type != "absolute":
+      raise EncoderConfigError(
+          f"config.json has position_embedding_type {position_type!r}; the encoder implements "
+          "'absolute' position embeddings only (BERT, LaBSE, multilingual-e5, XLM-R).")
+    if hf_config.get("is_decoder") or hf_config.get("add_cross_attention"):
+      raise EncoderConfigError("config.json describes a decoder (is_decoder / "
+                               "add_cross_attention); the encoder implements encoders only.")
     missing = [k for k in _HF_FIELDS[:10] if k not in hf_config]
     if missing:
       raise EncoderConfigError(f"config.json lacks the fields {missing} needed to build the "

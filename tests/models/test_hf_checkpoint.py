@@ -179,6 +179,15 @@ def test_unknown_model_type(bert_dir):
     hf_checkpoint.load_pretrained(str(bert_dir))
 
 
+def test_unsupported_position_embeddings(bert_dir):
+  config = json.loads((bert_dir / "config.json").read_text())
+  config["position_embedding_type"] = "relative_key"
+  (bert_dir / "config.json").write_text(json.dumps(config))
+  with pytest.raises(hf_checkpoint.CheckpointError,
+                     match=r"config\.json does not describe a usable encoder.*'relative_key'"):
+    hf_checkpoint.load_pretrained(str(bert_dir))
+
+
 def test_config_that_contradicts_the_weights_names_the_tensor(bert_dir):
   config = json.loads((bert_dir / "config.json").read_text())
   config["intermediate_size"] = 64
