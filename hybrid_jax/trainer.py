@@ -38,7 +38,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from clu import metric_writers
 from etils import epath
 
 from hybrid_jax import checkpointing
@@ -236,8 +235,11 @@ def _compiled_flops(compiled) -> float | None:
 
 
 # --- metrics --------------------------------------------------------------------------------------
-class JsonlWriter(metric_writers.MetricWriter):
-  """Scalars as JSON lines {"step": s, name: value, ...} in <workdir>/metrics.jsonl."""
+class JsonlWriter:
+  """Scalars as JSON lines {"step": s, name: value, ...} in <workdir>/metrics.jsonl.
+
+  Implements clu's MetricWriter interface (used inside a clu MultiWriter); not a subclass, so that
+  importing this module does not import TensorFlow (clu's metric_writers does)."""
 
   def __init__(self, workdir: str, resume_step: int | None = None):
     self.path = epath.Path(workdir) / METRICS_FILE
@@ -326,6 +328,9 @@ def _host_params(params, mesh) -> Any:
 
 
 # --- evaluators -----------------------------------------------------------------------------------
+_EMBEDDERS: dict = {}  # (encoder config, tokenizer, max_length, batch) -> inference.TextEmbedder
+
+
 class _Evaluation:
   """config.evals, built before training (bad paths fail early), run with the current params."""
 
@@ -349,22 +354,32 @@ class _Evaluation:
     self._embedder_args = dict(config=encoder_config, tokenizer=tokenizer,
                                batch_size=int(config.train.get("eval_batch_size", 128)),
                                dtype=encoder_config.dtype)
+    self._tokenizer_key = hash(tokenizer.hf_tokenizer.to_str()) if self.evaluators else None
     self._max_lengths = (config.data.query_max_length, config.data.passage_max_length)
-    self._embedders = None
 
-  def _set_params(self, encoder_params_host) -> tuple:
-    """Query and passage embedders (built once: their compiled shapes are reused) with new params."""
+  def _embedders_with(self, encoder_params_host) -> tuple:
+    """Query and passage embedders holding the given parameters.
+
+    Embedders are cached per (encoder, tokenizer, length, batch), so their compiled shapes are
+    reused by later evaluations and by later runs in the same process."""
     from hybrid_jax.models import inference  # pylint: disable=g-import-not-at-top
-    if self._embedders is None:
-      self._embedders = tuple(
-          inference.TextEmbedder(params=encoder_params_host, max_length=length,
-                                 **self._embedder_args) for length in self._max_lengths)
-    else:
-      for embedder in self._embedders:
-        embedder.params = jax.device_put(encoder_params_host,
-                                         jax.sharding.NamedSharding(embedder.mesh,
-                                                                    jax.sharding.PartitionSpec()))
-    return self._embedders
+    out = []
+    for length in self._max_lengths:
+      key = (self._embedder_args["config"], self._tokenizer_key, length,
+             self._embedder_args["batch_size"])
+      embedder = _EMBEDDERS.get(key)
+      if embedder is None:
+        embedder = inference.TextEmbedder(params=encoder_params_host, max_length=length,
+                                          **self._embedder_args)
+        while len(_EMBEDDERS) >= 4:
+          _EMBEDDERS.pop(next(iter(_EMBEDDERS)))
+        _EMBEDDERS[key] = embedder
+      else:
+        embedder.params = jax.device_put(
+            encoder_params_host,
+            jax.sharding.NamedSharding(embedder.mesh, jax.sharding.PartitionSpec()))
+      out.append(embedder)
+    return tuple(out)
 
   def due(self, step: int, last_step: int, start_step: int) -> list[str]:
     names = []
@@ -375,7 +390,7 @@ class _Evaluation:
     return names
 
   def run(self, names, step: int, encoder_params_host, writer) -> None:
-    query_embedder, passage_embedder = self._set_params(encoder_params_host)
+    query_embedder, passage_embedder = self._embedders_with(encoder_params_host)
 
     def embed_queries(texts, prefix):
       return query_embedder.embed(texts, prefix=prefix)
@@ -564,6 +579,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   start_step = int(init.step) if init.kind == "resume" else 0
   _log(f"{init.describe()}; training steps {start_step} -> {train.num_steps}")
 
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
   writer = metric_writers.MultiWriter(
       [metric_writers.SummaryWriter(workdir), JsonlWriter(workdir, resume_step=start_step)]
       if jax.process_index() == 0 else [])
@@ -662,7 +678,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
              + f" | acc {summary['accuracy']:.3f} | lr {summary['learning_rate']:.2e}"
              f" | grad {summary['grad_norm']:.3f} | {steps_per_second:.1f} steps/s, "
              f"{summary['examples_per_second']:.0f} ex/s"
-             + (f", {tflops:.3f} TFLOP/s/device" if tflops is not None else "")
+             + (f", {tflops:.3g} TFLOP/s/device" if tflops is not None else "")
              + f", {mfu} | ETA {_format_seconds(eta)}")
         last.update({k: v for k, v in summary.items()})
         last_logged = step

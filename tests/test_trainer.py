@@ -1,0 +1,229 @@
+"""End to end on 8 simulated devices: learning, batch-type direction, exact resume, SIGTERM, errors.
+
+All in-process runs share one model/loss/optimizer/mesh, so they share one compiled train step
+(trainer._step_functions); only the SIGKILLed run is a subprocess (a real process kill).
+"""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from hybrid_jax import checkpointing
+from hybrid_jax import export
+from hybrid_jax import sharding
+from hybrid_jax import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 150
+# A smaller encoder than the runlocal default, to keep the suite fast; the same for every run here.
+OVERRIDES = {
+    "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_hidden_layers": 1,
+    "train.num_steps": STEPS, "train.warmup_steps": 15, "train.log_every_steps": 50,
+    "train.eval_every_steps": 50, "train.checkpoint_every_steps": 50,
+}
+
+
+def _config(batch_type="hybrid", **extra):
+  path = os.path.join(REPO, "configs", f"xlmr_{batch_type}.py")
+  spec = importlib.util.spec_from_file_location(f"config_{batch_type}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("runlocal")
+  for dotted, value in {**OVERRIDES, **extra}.items():
+    section, field = dotted.split(".")
+    config[section][field] = value
+  return config
+
+
+def _cli_flags(workdir, batch_type="hybrid"):
+  return ([sys.executable, "-m", "hybrid_jax.train",
+           f"--config={os.path.join(REPO, 'configs', f'xlmr_{batch_type}.py')}:runlocal",
+           f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in OVERRIDES.items()])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """mono, xy and hybrid runs of STEPS steps (the hybrid one is the uninterrupted reference)."""
+  out = {}
+  for batch_type in ("mono", "xy", "hybrid"):
+    workdir = str(tmp_path_factory.mktemp(f"run_{batch_type}"))
+    out[batch_type] = (workdir, trainer.train_and_evaluate(_config(batch_type), workdir))
+  return out
+
+
+def test_validation_loss_falls_and_files_are_written(runs):
+  workdir, result = runs["hybrid"]
+  metrics = result["metrics"]
+  start, end = metrics["validation/loss_at_start"], metrics["validation/loss"]
+  assert end < 0.5 * start, (start, end)
+  assert not result["preempted"] and result["step"] == STEPS
+  lines = [json.loads(l) for l in open(os.path.join(workdir, trainer.METRICS_FILE))]
+  train_lines = [l for l in lines if "loss" in l]
+  assert [l["step"] for l in train_lines] == [50, 100, 150]
+  for key in ("loss/mono", "loss/xy", "learning_rate", "grad_norm", "param_norm",
+              "examples_per_second", "tflops_per_device", "accuracy"):
+    assert key in train_lines[-1], key
+  assert train_lines[-1]["loss"] < train_lines[0]["loss"]
+  assert "mfu" not in train_lines[-1]  # no peak FLOP/s for CPU devices
+  validation = [l for l in lines if "validation/loss" in l]
+  assert [l["step"] for l in validation] == [0, 50, 100, 150]
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+  for name in ("config.json", "encoder_config.json", "tokenizer/tokenizer.json"):
+    assert os.path.isfile(os.path.join(workdir, name)), name
+  assert os.path.isfile(os.path.join(workdir, "eval", "synthetic-step150", "results.json"))
+  # best = the step with the lowest validation loss; last = the final step.
+  best_step = min(validation[1:], key=lambda l: l["validation/loss"])["step"]
+  assert checkpointing.load_params(workdir, "best").step == best_step
+  last = checkpointing.load_params(workdir, "last")
+  assert last.step == STEPS
+  assert last.params["encoder"]["layer_0"]["output"]["dense"]["kernel"].dtype == np.float32
+  with pytest.raises(checkpointing.CheckpointConfigError, match="no checkpoint at step 7"):
+    checkpointing.load_params(workdir, "7")
+
+
+def test_batch_types_differ_in_the_direction_the_paper_reports(runs):
+  summary = {bt: runs[bt][1]["evals"]["synthetic"]["summary"] for bt in runs}
+  cross = {bt: s["cross_lingual"]["map"] for bt, s in summary.items()}
+  mono = {bt: s["monolingual"]["map"] for bt, s in summary.items()}
+  # X-X-mono never sees a cross-lingual pair: with disjoint scripts it stays near chance.
+  assert cross["xy"] > cross["mono"] + 0.2, cross
+  assert cross["hybrid"] > cross["mono"] + 0.2, cross
+  # Hybrid keeps monolingual retrieval where X-Y alone gives some of it up.
+  assert mono["hybrid"] >= mono["xy"] - 0.02, mono
+  assert mono["mono"] > 0.9, mono
+
+
+def _export_kernels(workdir, out_dir):
+  export.export(workdir, out_dir, "last")
+  return safetensors.numpy.load_file(os.path.join(out_dir, "model.safetensors"))
+
+
+def _wait_for_checkpoint(workdir, step, timeout=300, process=None):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    latest = checkpointing.latest_step(workdir)
+    if latest is not None and latest >= step:
+      return latest
+    if process is not None and process.poll() is not None:
+      raise AssertionError(f"training process exited early: {process.stderr.read()[-3000:]}")
+    time.sleep(0.2)
+  raise AssertionError(f"no checkpoint >= {step} in {workdir} after {timeout}s")
+
+
+def test_sigkill_then_sigterm_then_resume_is_exact(runs, tmp_path):
+  reference_dir, _ = runs["hybrid"]
+  workdir = str(tmp_path / "interrupted")
+  # 1. A separate process, killed with SIGKILL once the step-50 checkpoint is complete.
+  process = subprocess.Popen(_cli_flags(workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=REPO)
+  try:
+    _wait_for_checkpoint(workdir, 50, process=process)
+  finally:
+    process.kill()
+    process.wait()
+  killed_at = checkpointing.latest_step(workdir)
+  assert killed_at is not None and killed_at < STEPS
+
+  # 2. Resume in this process; SIGTERM arrives once a newer checkpoint exists.
+  def send_sigterm():
+    _wait_for_checkpoint(workdir, killed_at + 1)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  sender = threading.Thread(target=send_sigterm, daemon=True)
+  sender.start()
+  stopped = trainer.train_and_evaluate(_config("hybrid"), workdir)
+  sender.join(timeout=60)
+  assert stopped["preempted"], "SIGTERM did not stop the run"
+  assert killed_at < stopped["step"] < STEPS
+  assert checkpointing.latest_step(workdir) == stopped["step"]  # saved where it stopped
+
+  # 3. Resume to the end: the parameters equal the uninterrupted run's.
+  finished = trainer.train_and_evaluate(_config("hybrid"), workdir)
+  assert finished["step"] == STEPS and not finished["preempted"]
+  reference = _export_kernels(reference_dir, str(tmp_path / "export_reference"))
+  resumed = _export_kernels(workdir, str(tmp_path / "export_resumed"))
+  assert reference.keys() == resumed.keys()
+  worst = max(float(np.abs(reference[k] - resumed[k]).max()) for k in reference)
+  assert worst <= 1e-6, worst
+  # The training itself moved the weights (so the comparison is not vacuous).
+  start = checkpointing.load_params(reference_dir, "50").params
+  assert float(np.abs(start["encoder"]["layer_0"]["output"]["dense"]["kernel"]
+                      - reference["encoder.layer.0.output.dense.weight"].T).max()) > 1e-3
+  # The metrics file of the interrupted run ends with the same steps as the reference's.
+  steps = [json.loads(l)["step"] for l in open(os.path.join(workdir, trainer.METRICS_FILE))
+           if "loss" in json.loads(l)]
+  assert steps[-1] == STEPS and steps == sorted(steps)
+
+
+def test_export_loads_in_pytorch_with_the_same_embeddings(runs, tmp_path):
+  torch = pytest.importorskip("torch")
+  import transformers  # pylint: disable=g-import-not-at-top
+  from hybrid_jax.models import inference  # pylint: disable=g-import-not-at-top
+
+  workdir, _ = runs["xy"]
+  out = str(tmp_path / "hf")
+  export.export(workdir, out, "best")
+  model = transformers.AutoModel.from_pretrained(out).eval()
+  loaded = checkpointing.load_params(workdir, "best")
+  texts = ["Passage: " + t for t in ("abc", "def ghi")]
+  ours = inference.TextEmbedder.from_params(loaded, batch_size=8, max_length=16).embed(texts)
+  batch = loaded.tokenizer.encode(texts, max_length=16)
+  with torch.no_grad():
+    hidden = model(input_ids=torch.tensor(batch.input_ids),
+                   attention_mask=torch.tensor(batch.attention_mask)).last_hidden_state.numpy()
+  mask = batch.attention_mask[..., None]
+  pooled = (hidden * mask).sum(1) / mask.sum(1)
+  theirs = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+  assert float(np.abs(ours - theirs).max()) <= 1e-4
+
+
+@pytest.mark.parametrize("changes,error,message", [
+    ({"train.batch_size": 12}, sharding.ShardingConfigError, "not divisible by the 8 devices"),
+    ({"data.batch_type": "hybird"}, trainer.TrainConfigError, "not a batch type"),
+    ({"model.init_from": "/no/such/model"}, checkpointing.CheckpointConfigError,
+     "does not exist"),
+    ({"train.gradcache_chunk_size": 5}, trainer.TrainConfigError, "does not divide"),
+    ({"train.warmup_steps": 10_000}, trainer.TrainConfigError, "warmup_steps"),
+    ({"model.dtype": "float8"}, trainer.TrainConfigError, "model.dtype"),
+    ({"train.in_batch_negatives": False}, ValueError, "no negatives"),
+])
+def test_bad_configs_fail_before_anything_runs(tmp_path, changes, error, message):
+  workdir = str(tmp_path / "run")
+  config = _config("hybrid")
+  for dotted, value in changes.items():
+    section, field = dotted.split(".")
+    config[section][field] = value
+  with pytest.raises(error, match=message):
+    trainer.train_and_evaluate(config, workdir)
+  assert not os.path.exists(workdir)  # raised before any file, data or compile
+
+
+def test_local_workdir_with_several_processes_is_rejected():
+  with pytest.raises(checkpointing.CheckpointConfigError, match="gs://"):
+    trainer.validate_config(_config("hybrid"), "/tmp/run", process_count=2)
+  trainer.validate_config(_config("hybrid"), "gs://bucket/run", process_count=2)  # fine
+  config = _config("hybrid")
+  config.train.shared_filesystem = True
+  trainer.validate_config(config, "/nfs/run", process_count=2)
+
+
+def test_me5_config_without_converted_model_says_how_to_get_it(tmp_path, monkeypatch):
+  monkeypatch.setenv("HYBRID_JAX_MODELS", str(tmp_path / "models"))
+  spec = importlib.util.spec_from_file_location("me5", os.path.join(REPO, "configs",
+                                                                    "me5_hybrid.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("batch_size=96")  # the paper's 100 does not split over 8 devices
+  assert config.model.init_from == str(tmp_path / "models" / "multilingual-e5-small")
+  with pytest.raises(checkpointing.CheckpointConfigError, match="hybrid_jax.models.e5_convert"):
+    trainer.validate_config(config, str(tmp_path / "run"))
