@@ -620,25 +620,26 @@ def train_and_evaluate(config, workdir: str) -> dict:
        + (f"; {flops_per_step / 1e9:.2f} GFLOP per step per device (XLA cost analysis)"
           if flops_per_step else ""))
 
-  last = {"validation/loss": None}
-  if start_step == 0:
-    first_validation = validation_loss(state.params, 0)
-    if first_validation:
-      last.update(first_validation)
-      last["validation/loss_at_start"] = first_validation["validation/loss"]
-      _log(f"validation loss at step 0: {first_validation['validation/loss']:.4f}")
-    due = evaluation.due(0, train.num_steps, start_step)
-    if due:
-      evaluation.run(due, 0, _host_params(state.params["encoder"], mesh), writer)
-
-  history: list[dict] = []
-  step = start_step
-  last_logged = start_step
-  interval_started = time.time()
-  busy_seconds = 0.0  # time spent outside train steps (validation, evals) in the log interval
-  preempted = False
-  batch = first_batch
+  # SIGTERM is handled from here on: after the current step, save and return.
   with checkpointing.PreemptionGuard(checkpointer) as guard:
+    last = {"validation/loss": None}
+    if start_step == 0:
+      first_validation = validation_loss(state.params, 0)
+      if first_validation:
+        last.update(first_validation)
+        last["validation/loss_at_start"] = first_validation["validation/loss"]
+        _log(f"validation loss at step 0: {first_validation['validation/loss']:.4f}")
+      due = evaluation.due(0, train.num_steps, start_step)
+      if due:
+        evaluation.run(due, 0, _host_params(state.params["encoder"], mesh), writer)
+
+    history: list[dict] = []
+    step = start_step
+    last_logged = start_step
+    interval_started = time.time()
+    busy_seconds = 0.0  # time spent outside train steps (validation, evals) in the log interval
+    preempted = False
+    batch = first_batch
     while step < train.num_steps:
       state, metrics = compiled_step(state, batch)
       history.append(metrics)

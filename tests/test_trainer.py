@@ -227,3 +227,30 @@ def test_me5_config_without_converted_model_says_how_to_get_it(tmp_path, monkeyp
   assert config.model.init_from == str(tmp_path / "models" / "multilingual-e5-small")
   with pytest.raises(checkpointing.CheckpointConfigError, match="hybrid_jax.models.e5_convert"):
     trainer.validate_config(config, str(tmp_path / "run"))
+
+
+def test_init_from_a_hugging_face_directory(runs, tmp_path):
+  """A run initialised from the reference run's export starts at the reference's final validation
+  loss (same weights, same validation batches); SIGTERM right after step 0 keeps it short."""
+  reference_dir, reference = runs["hybrid"]
+  hf_dir = str(tmp_path / "hf")
+  export.export(reference_dir, hf_dir, "last")
+  workdir = str(tmp_path / "finetune")
+  metrics_path = os.path.join(workdir, trainer.METRICS_FILE)
+
+  def send_sigterm_after_step0_validation():
+    deadline = time.time() + 300
+    while time.time() < deadline:
+      if os.path.exists(metrics_path) and "validation/loss" in open(metrics_path).read():
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+      time.sleep(0.05)
+
+  sender = threading.Thread(target=send_sigterm_after_step0_validation, daemon=True)
+  sender.start()
+  result = trainer.train_and_evaluate(_config("hybrid", **{"model.init_from": hf_dir}), workdir)
+  sender.join(timeout=60)
+  assert result["preempted"] and result["step"] == 1
+  start = result["metrics"]["validation/loss_at_start"]
+  assert abs(start - reference["metrics"]["validation/loss"]) <= 1e-5, (
+      start, reference["metrics"]["validation/loss"])
