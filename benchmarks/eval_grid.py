@@ -15,8 +15,10 @@ is far from 0 and 1). The sklearn loop over the whole grid takes minutes here, s
 runs on a seeded random `--sklearn_fraction` of the queries, in EVERY setting (each query costs
 the same: one AP per candidate language plus one for the pool), and its time is extrapolated
 linearly to all queries; both the measured and the extrapolated figures are printed. Use
---sklearn_fraction=1 to time the whole loop. The script asserts that the two agree on every
-(query, setting) AP the loop computed.
+--sklearn_fraction=1 to time the whole loop. The script asserts that the two agree (<= 1e-6) on
+every (query, setting) AP the loop computed, except where a relevant candidate's score is within
+1e-6 of another candidate's (see `near_tied`: there float32 summation order or the tie convention
+decides); those are counted and their largest difference printed.
 """
 
 from __future__ import annotations
@@ -75,6 +77,32 @@ def sklearn_grid_ap(collection: collection_lib.Collection, query_emb: np.ndarray
   return out
 
 
+def near_tied(collection: collection_lib.Collection, query_emb: np.ndarray,
+              candidate_emb: np.ndarray, rows: np.ndarray, tolerance: float = 1e-6) -> np.ndarray:
+  """[n, L + 1] bool: a relevant candidate's score is within `tolerance` of another candidate's.
+
+  There the two implementations may rank differently without either being wrong: float32 dot
+  products summed in another order differ by a few ulps (XLA vs NumPy), and exact ties (identical
+  texts, e.g. two "I." sentences) are broken against the relevant candidate by us (pessimistic,
+  hybrid_jax/eval/metrics.py) but grouped into one threshold by sklearn.
+  """
+  q = query_emb / np.linalg.norm(query_emb, axis=1, keepdims=True)
+  c = candidate_emb / np.linalg.norm(candidate_emb, axis=1, keepdims=True)
+  cand_lang = collection.lang_index(collection.candidate_langs)
+  out = np.zeros((len(rows), len(collection.languages) + 1), bool)
+  for b, i in enumerate(rows):
+    scores = c @ q[i]  # [N]
+    relevant = np.array([cand for cand, _ in collection.relevant[i]])
+    others = np.ones(len(scores), bool)
+    others[relevant] = False
+    for r in relevant:
+      close = others & (np.abs(scores - scores[r]) <= tolerance)
+      if close.any():
+        out[b, -1] = True
+        out[b, cand_lang[r]] |= bool(np.any(close & (cand_lang == cand_lang[r])))
+  return out
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--dataset", default="xquad-r", choices=evaluators.LAREQA_DATASETS)
@@ -126,14 +154,17 @@ def main() -> None:
   ours = per_query.values["map"][rows].astype(np.float64)  # [n, L + 1]
   assert np.array_equal(np.isnan(ours), np.isnan(reference)), "skipped settings differ"
   diff = np.abs(np.nan_to_num(ours) - np.nan_to_num(reference))
-  worst = float(diff.max())
+  tied = near_tied(collection, query_emb, cand_emb, rows) & ~np.isnan(reference)
+  worst = float(np.max(diff[~tied], initial=0.0))
   setting_means = np.nanmean(ours, axis=0) - np.nanmean(reference, axis=0)
-  print(f"agreement: {calls} (query, setting) APs compared, max |ours - sklearn| = {worst:.2e}, "
-        f"max setting-mean difference {np.max(np.abs(setting_means)):.2e}; mAP monolingual "
-        f"{results['summary']['monolingual']['map']:.4f}, cross-lingual "
-        f"{results['summary']['cross_lingual']['map']:.4f}, multilingual "
+  print(f"agreement: {calls} (query, setting) APs compared; {calls - int(tied.sum())} without a "
+        f"near-tie (a relevant candidate within 1e-6 of another's score): max |ours - sklearn| = "
+        f"{worst:.2e}; {int(tied.sum())} with one: max {np.max(diff[tied], initial=0.0):.2e}; "
+        f"max setting-mean difference {np.max(np.abs(setting_means)):.2e}")
+  print(f"mAP (ours, full grid): monolingual {results['summary']['monolingual']['map']:.4f}, "
+        f"cross-lingual {results['summary']['cross_lingual']['map']:.4f}, multilingual "
         f"{results['summary']['multilingual']['map']:.4f}")
-  assert worst <= 1e-6, f"ours and sklearn disagree by {worst}"
+  assert worst <= 1e-6, f"ours and sklearn disagree by {worst} on a tie-free (query, setting)"
 
   extrapolated = "measured" if num_sampled == collection.num_queries else "extrapolated"
   print(f"sklearn loop: {sklearn_measured:.1f}s measured on {num_sampled} of "
