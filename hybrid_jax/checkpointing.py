@@ -322,8 +322,9 @@ def load_params(workdir: str, step: str = "best") -> LoadedParams:
   tokenizer = read_tokenizer(workdir)
   sub, number, kind = _resolve_step(workdir, step)
   item_names = _STATE_ITEMS if sub == CHECKPOINT_DIR else ("params",)
-  manager = ocp.CheckpointManager(_path(workdir, sub), item_names=item_names,
-                                  options=ocp.CheckpointManagerOptions(create=False))
+  manager = ocp.CheckpointManager(
+      _path(workdir, sub), options=ocp.CheckpointManagerOptions(create=False),
+      item_handlers={name: ocp.StandardCheckpointHandler() for name in item_names})
   try:
     metadata = manager.item_metadata(number)["params"]
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

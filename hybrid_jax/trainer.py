@@ -608,17 +608,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return out
 
   # --- loop ---------------------------------------------------------------------------------------
-  batches = data.train_batches(train.batch_size, start_step=start_step,
-                               process_index=jax.process_index(),
-                               process_count=jax.process_count())
-  first_batch = to_global(next(batches))
-  compile_started = time.time()
-  compiled_step = train_step_jit.lower(state, first_batch).compile()
-  flops_per_step = _compiled_flops(compiled_step)
+  finished_before = start_step >= train.num_steps
+  first_batch = compiled_step = flops_per_step = None
+  if not finished_before:
+    batches = data.train_batches(train.batch_size, start_step=start_step,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+    first_batch = to_global(next(batches))
+    compile_started = time.time()
+    compiled_step = train_step_jit.lower(state, first_batch).compile()
+    flops_per_step = _compiled_flops(compiled_step)
+    _log(f"compiled the train step in {time.time() - compile_started:.1f}s"
+         + (f"; {flops_per_step / 1e9:.2f} GFLOP per step per device (XLA cost analysis)"
+            if flops_per_step else ""))
   peak = peak_flops_per_device(jax.devices()[0])
-  _log(f"compiled the train step in {time.time() - compile_started:.1f}s"
-       + (f"; {flops_per_step / 1e9:.2f} GFLOP per step per device (XLA cost analysis)"
-          if flops_per_step else ""))
 
   # SIGTERM is handled from here on: after the current step, save and return.
   with checkpointing.PreemptionGuard(checkpointer) as guard:
@@ -707,18 +710,24 @@ def train_and_evaluate(config, workdir: str) -> dict:
         _log(f"stopping at step {step} on SIGTERM; checkpoint saved, resume with the same command")
         break
 
+  if finished_before and evaluation.evaluators:
+    # Re-running a finished command: nothing to train; evaluate the final parameters again.
+    _log(f"{workdir} is already trained to step {start_step} (train.num_steps="
+         f"{train.num_steps}); running the evaluators on it")
+    evaluation.run(list(evaluation.evaluators), start_step,
+                   _host_params(state.params["encoder"], mesh), writer)
   checkpointer.wait()
   checkpointer.close()
   writer.flush()
   writer.close()
   wall = time.time() - started
   if not preempted:
-    _log(f"done: {train.num_steps} steps in {_format_seconds(wall)}; checkpoints in "
+    _log(f"done at step {step} (wall time {_format_seconds(wall)}); checkpoints in "
          f"{os.path.join(workdir, checkpointing.CHECKPOINT_DIR)}")
     if jax.process_index() == 0:
       from hybrid_jax.eval import report  # pylint: disable=g-import-not-at-top
       for name, results in evaluation.results.items():
-        print(f"\n== {name}: retrieval evaluation at step {train.num_steps} ==")
+        print(f"\n== {name}: retrieval evaluation at step {step} ==")
         print(report.summary_table(results))
       sys.stdout.flush()
   return {"step": step, "preempted": preempted, "metrics": last, "evals": evaluation.results,

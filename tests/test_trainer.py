@@ -154,6 +154,7 @@ def test_sigkill_then_sigterm_then_resume_is_exact(runs, tmp_path):
   resumed = _export_kernels(workdir, str(tmp_path / "export_resumed"))
   assert reference.keys() == resumed.keys()
   worst = max(float(np.abs(reference[k] - resumed[k]).max()) for k in reference)
+  print(f"resumed vs uninterrupted: max |diff| {worst:.3g} over {len(reference)} tensors")
   assert worst <= 1e-6, worst
   # The training itself moved the weights (so the comparison is not vacuous).
   start = checkpointing.load_params(reference_dir, "50").params
@@ -250,7 +251,9 @@ def test_init_from_a_hugging_face_directory(runs, tmp_path):
   sender.start()
   result = trainer.train_and_evaluate(_config("hybrid", **{"model.init_from": hf_dir}), workdir)
   sender.join(timeout=60)
-  assert result["preempted"] and result["step"] == 1
+  # The signal lands within the first steps (the thread races the loop); the run stops there.
+  assert result["preempted"] and 1 <= result["step"] < 10
+  assert checkpointing.latest_step(workdir) == result["step"]
   start = result["metrics"]["validation/loss_at_start"]
   assert abs(start - reference["metrics"]["validation/loss"]) <= 1e-5, (
       start, reference["metrics"]["validation/loss"])
