@@ -212,6 +212,8 @@ class Checkpointer:
             max_to_keep=1, best_fn=lambda metrics: metrics[VALIDATION_METRIC], best_mode="min",
             keep_checkpoints_without_metrics=False, enable_async_checkpointing=async_save),
         item_names=("params",))
+    self._best_loss: float | None = None
+    self._best_loaded = False
 
   def latest_step(self) -> int | None:
     return self.state_manager.latest_step()
@@ -235,10 +237,15 @@ class Checkpointer:
 
   # --- best by validation loss -----------------------------------------------------------------
   def best_validation_loss(self) -> float | None:
-    step = self.best_manager.best_step()
-    if step is None:
-      return None
-    return float(self.best_manager.metrics(step)[VALIDATION_METRIC])
+    # Tracked in memory: with async saving, Orbax reports an in-flight checkpoint's metrics as
+    # None until its write finalises, so reading them back right after save_best is racy.
+    if not self._best_loaded:
+      self.best_manager.wait_until_finished()
+      step = self.best_manager.best_step()
+      metrics = self.best_manager.metrics(step) if step is not None else None
+      self._best_loss = float(metrics[VALIDATION_METRIC]) if metrics else None
+      self._best_loaded = True
+    return self._best_loss
 
   def save_best(self, step: int, params, validation_loss: float) -> bool:
     """Keeps `params` as the best if `validation_loss` beats the best so far. Returns whether."""
@@ -247,14 +254,20 @@ class Checkpointer:
       return False
     if step in self.best_manager.all_steps():
       return False
-    return self.best_manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)),
-                                  metrics={VALIDATION_METRIC: float(validation_loss)}, force=True)
+    saved = self.best_manager.save(
+        step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)),
+        metrics={VALIDATION_METRIC: float(validation_loss)}, force=True)
+    if saved:
+      self._best_loss = float(validation_loss)
+    return saved
 
   def discard_best_after(self, step: int) -> None:
     """On resume at `step`: forget best checkpoints from the lost future (they are recomputed)."""
+    self.best_manager.wait_until_finished()
     for s in self.best_manager.all_steps():
       if s > step:
         self.best_manager.delete(s)
+    self._best_loaded = False  # re-read what is left on disk
 
   def reached_preemption(self, step: int) -> bool:
     return self.state_manager.reached_preemption(step)
