@@ -98,9 +98,9 @@ case "${cmd}" in
     config="${1:?usage: launch/tpu.sh train CONFIG WORKDIR [EXTRA FLAGS]}"
     workdir="${2:?usage: launch/tpu.sh train CONFIG WORKDIR [EXTRA FLAGS]}"
     shift 2
-    # One process per host, all started together; jax.distributed.initialize() in the trainer
-    # finds its peers through the TPU metadata server.
-    on_workers all "${remote_env} && nohup python3 -m hybrid_jax.train \
+    # One process per host, all started together; --distributed makes the trainer call
+    # jax.distributed.initialize(), which finds its peers through the TPU metadata server.
+    on_workers all "${remote_env} && nohup python3 -m hybrid_jax.train --distributed \
       $(quote_args --config="${config}" --workdir="${workdir}" "$@") \
       > \$HOME/train.log 2>&1 < /dev/null & echo started on \$(hostname)"
     ;;

@@ -65,7 +65,7 @@ def test_train_runs_on_all_workers_with_flags_intact(run_launch):
   remote = _remote_command(call)
   # The remote shell must see exactly these arguments, spaces and '=' included.
   train_part = remote.split("python3 -m hybrid_jax.train", 1)[1].split(">", 1)[0]
-  assert shlex.split(train_part) == ["--config=configs/xlmr_hybrid.py:alpha=0.3",
+  assert shlex.split(train_part) == ["--distributed", "--config=configs/xlmr_hybrid.py:alpha=0.3",
                                      "--workdir=gs://b/run 1", "--config.train.learning_rate=1e-5"]
   assert "HYBRID_JAX_DATA=$HOME/hybrid_jax_data" in remote
   assert "nohup" in remote and "train.log" in remote
