@@ -204,13 +204,19 @@ class Checkpointer:
         _path(workdir, CHECKPOINT_DIR),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=every_steps,
-            enable_async_checkpointing=async_save),
+            enable_async_checkpointing=async_save,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix="state")),
         item_names=_STATE_ITEMS)
     self.best_manager = ocp.CheckpointManager(
         _path(workdir, BEST_DIR),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=1, best_fn=lambda metrics: metrics[VALIDATION_METRIC], best_mode="min",
-            keep_checkpoints_without_metrics=False, enable_async_checkpointing=async_save),
+            keep_checkpoints_without_metrics=False, enable_async_checkpointing=async_save,
+            # Both managers may save the same step at once; with several processes Orbax's
+            # barriers are named by step, so each manager needs its own prefix or they collide.
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix="best")),
         item_names=("params",))
     self._best_loss: float | None = None
     self._best_loaded = False

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -164,6 +165,62 @@ def test_sigkill_then_sigterm_then_resume_is_exact(runs, tmp_path):
   steps = [json.loads(l)["step"] for l in open(os.path.join(workdir, trainer.METRICS_FILE))
            if "loss" in json.loads(l)]
   assert steps[-1] == STEPS and steps == sorted(steps)
+
+
+_HOST_PROGRAM = """
+import json, os, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+process_id, port, workdir, tests_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                           process_id=process_id)
+sys.path.insert(0, tests_dir)
+import test_trainer
+from hybrid_jax import trainer
+result = trainer.train_and_evaluate(
+    test_trainer._config("hybrid", **{"train.shared_filesystem": True}), workdir)
+print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(),
+                  "step": result["step"], "map": result["evals"]["synthetic"]["summary"]}))
+"""
+
+
+def test_two_hosts_train_like_one(runs, tmp_path):
+  """2 processes x 4 CPU devices (gloo collectives, one shared workdir) = 1 process x 8 devices.
+
+  This is the TPU-pod path: each host feeds its slice of the plan, Orbax saves from all hosts,
+  evaluation runs on every host with host-local devices."""
+  reference_dir, reference = runs["hybrid"]
+  workdir = str(tmp_path / "two_hosts")
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    port = str(probe.getsockname()[1])
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  hosts = [subprocess.Popen([sys.executable, "-c", _HOST_PROGRAM, str(i), port, workdir,
+                             os.path.join(REPO, "tests")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+           for i in range(2)]
+  outputs = []
+  for host in hosts:
+    try:
+      out, err = host.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+      for h in hosts:
+        h.kill()
+      raise
+    assert host.returncode == 0, err[-4000:]
+    outputs.append(json.loads(out.strip().splitlines()[-1]))
+  assert [o["process"] for o in outputs] == [0, 1]
+  assert all(o["devices"] == 8 and o["step"] == STEPS for o in outputs)
+  expected = reference["evals"]["synthetic"]["summary"]
+  for o in outputs:
+    for setting in ("monolingual", "cross_lingual", "multilingual"):
+      assert abs(o["map"][setting]["map"] - expected[setting]["map"]) <= 1e-4, (setting, o)
+  reference_weights = _export_kernels(reference_dir, str(tmp_path / "export_reference"))
+  two_host_weights = _export_kernels(workdir, str(tmp_path / "export_two_hosts"))
+  worst = max(float(np.abs(reference_weights[k] - two_host_weights[k]).max())
+              for k in reference_weights)
+  print(f"2 hosts x 4 devices vs 1 host x 8 devices after {STEPS} steps: max |diff| {worst:.3g}")
+  assert worst <= 1e-5, worst
 
 
 def test_export_loads_in_pytorch_with_the_same_embeddings(runs, tmp_path):

@@ -286,7 +286,9 @@ def score_grid(query_emb: np.ndarray, candidate_emb: np.ndarray, candidate_lang:
     rel_emb = padded[np.maximum(rel_flat, 0)]  # [B, R, D]
     args = (take(query_emb, 0.0), rel_emb, rel_valid, take(rel_lang_all, -1),
             take(relevance.gain.astype(np.float32), 0.0), rel_flat)
-    out = fn(*args, *cand_args)
+    # Explicit placement: with several processes jit refuses NumPy inputs for non-replicated
+    # shardings, even when (as here) the mesh holds only this process's devices.
+    out = fn(*jax.device_put(args, split), *cand_args)
     outputs.append(jax.tree.map(lambda x, n=end - begin: np.asarray(x)[:n], out))
     progress.update(end - begin)
 
