@@ -117,7 +117,8 @@ def build_config(backbone: str, batch_type: str, arg: str | None = None,
   config.data = data_defaults.data_config(batch_type, real_data=not args.runlocal)
   config.train = train_config()
   config.mesh = mesh_config()
-  config.evals = eval_defaults.evals_config()
+  config.evals = eval_defaults.evals_config(
+      training_dataset=config.data.path if config.data.source == "lareqa" else "")
   if backbone == "me5-small" and not args.runlocal:
     # The offline multilingual-e5-small, converted once by `python -m hybrid_jax.models.e5_convert`.
     from hybrid_jax.models import e5_convert  # pylint: disable=g-import-not-at-top

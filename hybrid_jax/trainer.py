@@ -145,8 +145,9 @@ def validate_config(config, workdir: str, *, num_devices: int | None = None,
     if spec.get("type") not in ("lareqa", "beir", "synthetic"):
       raise TrainConfigError(f"config.evals.{name}.type={spec.get('type')!r}; expected 'lareqa', "
                              "'beir' or 'synthetic'")
-    if int(spec.get("every_steps", 0)) < 0:
-      raise TrainConfigError(f"config.evals.{name}.every_steps must be >= 0 (0 = at the end)")
+    if int(spec.get("every_steps", 0)) < -1:
+      raise TrainConfigError(f"config.evals.{name}.every_steps must be >= 0 (0 = at the end) or "
+                             "-1 (switched off)")
 
 
 # --- model pieces ---------------------------------------------------------------------------------
@@ -340,6 +341,8 @@ class _Evaluation:
     specs = {}
     for name, spec in dict(config.get("evals") or {}).items():
       spec = dict(spec)
+      if int(spec.get("every_steps", 0)) == -1:  # switched off from the command line
+        continue
       if spec.get("type") == "synthetic" and not spec.get("synthetic"):
         spec["synthetic"] = dict(config.data.synthetic)
       specs[name] = spec
@@ -348,6 +351,11 @@ class _Evaluation:
         specs, query_prefix=config.data.query_prefix, passage_prefix=config.data.passage_prefix)
     for evaluator in self.evaluators.values():
       _ = evaluator.collection  # read and validate the data now, not after hours of training
+    from hybrid_jax.eval import defaults as eval_defaults  # pylint: disable=g-import-not-at-top
+    for name in eval_defaults.in_domain_evals(specs, config.data):
+      _log(f"warning: evaluator {name!r} scores {config.data.path!r}, the data this run trains on "
+           "(in-domain). The paper keeps evaluation sets out of training; remove it with "
+           f"--config.evals.{name}.every_steps=-1 or train on other data.")
     self.scalar_metrics = evaluators_lib.scalar_metrics
     self.workdir = workdir
     self.results: dict[str, dict] = {}

@@ -59,3 +59,16 @@ def test_runlocal_shrinks_and_overrides_apply():
   assert local.data.source == "synthetic"
   assert local.data.alpha == pytest.approx(0.3)
   assert local.train.batch_size < full.train.batch_size
+
+
+def test_full_configs_never_evaluate_on_their_training_data():
+  from hybrid_jax.eval import defaults as eval_defaults  # pylint: disable=g-import-not-at-top
+  config = _load_config_file(os.path.join(REPO, "configs", "xlmr_hybrid.py"))
+  assert config.data.source == "lareqa" and config.data.path == "mlqa-r"
+  assert sorted(config.evals) == ["xquad_r"]  # train on MLQA-R, test on XQuAD-R (domain shift)
+  assert eval_defaults.in_domain_evals(config.evals, config.data) == []
+  # A user who trains on XQuAD-R instead (the TFDS name or a directory) is warned about it.
+  for path in ("xquad_r", "/data/lareqa/xquad-r/"):
+    data = dict(config.data, path=path, source="tfds" if "_" in path else "lareqa")
+    assert eval_defaults.in_domain_evals(config.evals, data) == ["xquad_r"]
+  assert sorted(eval_defaults.evals_config()) == ["mlqa_r", "xquad_r"]

@@ -5,10 +5,13 @@ Each entry is name -> spec, built by `hybrid_jax.eval.evaluators.build_evaluator
   dataset       lareqa: "xquad-r" | "mlqa-r"
   data_dir      "" = $HYBRID_JAX_DATA/<dataset> (lareqa.default_data_root()); beir: required
   languages     () = every <lang>.json in data_dir
-  every_steps   trainer: run every N steps (and at step 0 and at the end); 0 = at the end only
+  every_steps   trainer: run every N steps (and at step 0 and at the end); 0 = at the end only;
+                -1 = switched off (a command line cannot delete a config entry)
   groups        language groups averaged in the summaries, e.g. languages unseen in training
 Query/passage prefixes come from config.data unless a spec sets query_prefix / passage_prefix.
 """
+
+import os
 
 import ml_collections
 
@@ -28,9 +31,25 @@ def lareqa_spec(dataset: str, every_steps: int) -> ml_collections.ConfigDict:
   return spec
 
 
-def evals_config() -> ml_collections.ConfigDict:
-  """Name -> evaluator spec: the full XQuAD-R grid periodically, MLQA-R at the end."""
+def evals_config(training_dataset: str = "") -> ml_collections.ConfigDict:
+  """Name -> evaluator spec: the full XQuAD-R grid periodically, MLQA-R at the end.
+
+  The dataset a run trains on ("xquad-r" | "mlqa-r") is left out: the paper never evaluates on its
+  training data, and train-on-one / test-on-the-other is its domain-shift question."""
   config = ml_collections.ConfigDict()
-  config.xquad_r = lareqa_spec("xquad-r", every_steps=2000)
-  config.mlqa_r = lareqa_spec("mlqa-r", every_steps=0)
+  if training_dataset != "xquad-r":
+    config.xquad_r = lareqa_spec("xquad-r", every_steps=2000)
+  if training_dataset != "mlqa-r":
+    config.mlqa_r = lareqa_spec("mlqa-r", every_steps=0)
   return config
+
+
+def in_domain_evals(evals_config, data_config) -> list[str]:
+  """Names of LAReQA evaluators that score the dataset the run trains on (to warn about)."""
+  if data_config.get("source") not in ("lareqa", "tfds"):
+    return []
+  trained = os.path.basename(os.path.normpath(str(data_config.get("path", "")))).replace("_", "-")
+  return [name for name, spec in dict(evals_config or {}).items()
+          if spec.get("type") == "lareqa" and trained and (
+              os.path.basename(os.path.normpath(spec.get("data_dir") or spec.get("dataset", "")))
+              .replace("_", "-") == trained)]
