@@ -85,9 +85,10 @@ def train_config() -> ml_collections.ConfigDict:
   return config
 
 
-def mesh_config() -> list:
+def mesh_config() -> tuple:
   """Device mesh axes and sizes; -1 takes the remaining devices."""
-  return [("data", -1), ("fsdp", 1)]
+  # A tuple, not a list: ml_collections can override tuples from the command line.
+  return (("data", -1), ("fsdp", 1))
 
 
 # Arguments every config file accepts after the ":" of --config=FILE:ARG.

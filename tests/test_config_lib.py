@@ -72,3 +72,4 @@ def test_full_configs_never_evaluate_on_their_training_data():
     data = dict(config.data, path=path, source="tfds" if "_" in path else "lareqa")
     assert eval_defaults.in_domain_evals(config.evals, data) == ["xquad_r"]
   assert sorted(eval_defaults.evals_config()) == ["mlqa_r", "xquad_r"]
+
