@@ -314,3 +314,15 @@ def test_init_from_a_hugging_face_directory(runs, tmp_path):
   start = result["metrics"]["validation/loss_at_start"]
   assert abs(start - reference["metrics"]["validation/loss"]) <= 1e-5, (
       start, reference["metrics"]["validation/loss"])
+
+
+def test_evaluate_cli_scores_a_runlocal_workdir_like_the_trainer(runs, tmp_path):
+  from hybrid_jax.eval import runner  # pylint: disable=g-import-not-at-top
+  workdir, result = runs["xy"]
+  # The synthetic spec and the prefixes come from the run's own config.json.
+  results = runner.run(runner.RunOptions(dataset="synthetic", workdir=workdir, step="last",
+                                         output_dir=str(tmp_path / "eval"), show_progress=False))
+  trained = result["evals"]["synthetic"]["summary"]
+  for setting in ("monolingual", "cross_lingual", "multilingual"):
+    assert abs(results["summary"][setting]["map"] - trained[setting]["map"]) <= 1e-5, setting
+  assert os.path.isfile(tmp_path / "eval" / "results.json")

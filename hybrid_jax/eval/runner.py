@@ -8,6 +8,7 @@ directories) or one BEIR-format directory.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shlex
 import sys
@@ -20,7 +21,7 @@ from hybrid_jax.eval import embeddings_io
 from hybrid_jax.eval import evaluators as evaluators_lib
 from hybrid_jax.eval import report
 
-DATASETS = evaluators_lib.LAREQA_DATASETS + ("beir",)
+DATASETS = evaluators_lib.LAREQA_DATASETS + ("beir", "synthetic")
 
 
 class EvaluateUsageError(ValueError):
@@ -105,12 +106,27 @@ def _validate(opts: RunOptions) -> None:
                              "--workdir; with --embeddings they already exist")
 
 
-def _prefixes(opts: RunOptions) -> tuple[str, str]:
+def _run_data_config(opts: RunOptions) -> dict:
+  """The `data` section that applies: --config's, else the training run's own config.json."""
   data = getattr(opts.config, "data", None) if opts.config is not None else None
-  query = opts.query_prefix if opts.query_prefix is not None else (
-      data.query_prefix if data is not None else "Query: ")
-  passage = opts.passage_prefix if opts.passage_prefix is not None else (
-      data.passage_prefix if data is not None else "Passage: ")
+  if data is not None:
+    return data.to_dict() if hasattr(data, "to_dict") else dict(data)
+  if opts.workdir:
+    path = os.path.join(opts.workdir, "config.json")
+    if os.path.isfile(path):
+      with open(path, encoding="utf-8") as f:
+        return dict(json.load(f).get("data") or {})
+  return {}
+
+
+def _prefixes(opts: RunOptions) -> tuple[str, str]:
+  """Flags win; then the config's data section (a run is scored with the prefixes it trained
+  with); then E5's "Query: " / "Passage: "."""
+  data = _run_data_config(opts)
+  query = opts.query_prefix if opts.query_prefix is not None else data.get("query_prefix",
+                                                                           "Query: ")
+  passage = opts.passage_prefix if opts.passage_prefix is not None else data.get(
+      "passage_prefix", "Passage: ")
   return query, passage
 
 
@@ -118,11 +134,20 @@ def make_evaluator(opts: RunOptions) -> evaluators_lib.GridEvaluator:
   query_prefix, passage_prefix = _prefixes(opts)
   common = dict(query_prefix=query_prefix, passage_prefix=passage_prefix, groups=opts.groups,
                 normalize=opts.normalize, show_progress=opts.show_progress)
+  if opts.dataset == "synthetic":
+    from hybrid_jax.eval import synthetic_eval  # pylint: disable=g-import-not-at-top
+    return synthetic_eval.SyntheticEvaluator(_synthetic_config(opts), **common)
   if opts.dataset == "beir":
     return evaluators_lib.BeirEvaluator(opts.data_dir, opts.beir_split,
                                         opts.languages[0] if opts.languages else None, **common)
   return evaluators_lib.LareqaEvaluator(opts.dataset, opts.data_dir, tuple(opts.languages),
                                         opts.candidate_context, **common)
+
+
+def _synthetic_config(opts: RunOptions) -> dict:
+  """The synthetic generator spec of the run (--config or the workdir's), else the default: a
+  :runlocal run's held-out ids exist only for the spec it was trained with."""
+  return dict(_run_data_config(opts).get("synthetic") or {})
 
 
 def _file_stamp(directory: str) -> dict:
