@@ -8,22 +8,13 @@ from jax.sharding import PartitionSpec as P
 
 from hybrid_jax import losses
 from hybrid_jax import sharding
+from hybrid_jax import trainer
 from hybrid_jax.models import encoder as encoder_lib
 
 ENCODER = encoder_lib.EncoderConfig(
     model_type="bert", vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
     intermediate_size=64, max_position_embeddings=32, type_vocab_size=2, pad_token_id=0,
     layer_norm_eps=1e-12, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-
-
-def _encode_fn(config):
-  model = encoder_lib.Encoder(config)
-
-  def encode(params, ids, mask, rng):
-    rngs = {} if rng is None else {"dropout": rng}
-    return model.apply({"params": params}, ids, mask, deterministic=rng is None,
-                       rngs=rngs).embedding
-  return encode
 
 
 def _batch(b, seed=0):
@@ -93,7 +84,7 @@ def test_host_to_global_assembles_rows_in_order():
 
 
 def _loss_and_grads(params, batch, cfg, mesh=None):
-  encode = _encode_fn(ENCODER)
+  encode = trainer.make_encode_fn(ENCODER)
   fn = lambda p, b: losses.value_and_grad(encode, p, b, None, cfg)
   if mesh is None:  # the reference: everything on one device
     device = jax.devices()[0]

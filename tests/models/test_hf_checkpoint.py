@@ -170,21 +170,16 @@ def test_unreadable_weights(bert_dir, name):
     hf_checkpoint.load_pretrained(str(bert_dir))
 
 
-def test_unknown_model_type(bert_dir):
+@pytest.mark.parametrize("field,value,message", [
+    ("model_type", "t5", r"model_type 't5'.*implements \['bert', 'xlm-roberta', 'roberta'\]"),
+    ("position_embedding_type", "relative_key",
+     r"config\.json does not describe a usable encoder.*'relative_key'"),
+])
+def test_unsupported_config_fields(bert_dir, field, value, message):
   config = json.loads((bert_dir / "config.json").read_text())
-  config["model_type"] = "t5"
+  config[field] = value
   (bert_dir / "config.json").write_text(json.dumps(config))
-  with pytest.raises(hf_checkpoint.CheckpointError,
-                     match=r"model_type 't5'.*implements \['bert', 'xlm-roberta', 'roberta'\]"):
-    hf_checkpoint.load_pretrained(str(bert_dir))
-
-
-def test_unsupported_position_embeddings(bert_dir):
-  config = json.loads((bert_dir / "config.json").read_text())
-  config["position_embedding_type"] = "relative_key"
-  (bert_dir / "config.json").write_text(json.dumps(config))
-  with pytest.raises(hf_checkpoint.CheckpointError,
-                     match=r"config\.json does not describe a usable encoder.*'relative_key'"):
+  with pytest.raises(hf_checkpoint.CheckpointError, match=message):
     hf_checkpoint.load_pretrained(str(bert_dir))
 
 
