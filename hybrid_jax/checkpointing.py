@@ -363,7 +363,8 @@ class PreemptionGuard:
 
   Use as a context manager; the previous handler is restored on exit. `should_stop(step)` is True
   once SIGTERM arrived (single process) or, with several processes, when Orbax's preemption sync
-  says every host has reached the same stopping step.
+  says every host has reached the same stopping step. With several processes no Python handler is
+  installed: JAX's own SIGTERM notifier (from jax.distributed.initialize) feeds that sync.
   """
 
   def __init__(self, checkpointer: Checkpointer | None = None):
@@ -377,6 +378,12 @@ class PreemptionGuard:
           file=sys.stderr, flush=True)
 
   def __enter__(self) -> "PreemptionGuard":
+    if jax.process_count() > 1:
+      # jax.distributed.initialize() installed its own SIGTERM notifier, which feeds the
+      # preemption sync that reached_preemption() reads; a Python handler would replace it and
+      # the hosts would never agree to stop.
+      self._previous = None
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handler)
     except ValueError:  # not the main thread (e.g. inside some test runners): no handler

@@ -179,26 +179,24 @@ import test_trainer
 from hybrid_jax import trainer
 result = trainer.train_and_evaluate(
     test_trainer._config("hybrid", **{"train.shared_filesystem": True}), workdir)
+summary = result["evals"].get("synthetic", {}).get("summary")
 print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(),
-                  "step": result["step"], "map": result["evals"]["synthetic"]["summary"]}))
+                  "step": result["step"], "preempted": result["preempted"], "map": summary}))
 """
 
 
-def test_two_hosts_train_like_one(runs, tmp_path):
-  """2 processes x 4 CPU devices (gloo collectives, one shared workdir) = 1 process x 8 devices.
-
-  This is the TPU-pod path: each host feeds its slice of the plan, Orbax saves from all hosts,
-  evaluation runs on every host with host-local devices."""
-  reference_dir, reference = runs["hybrid"]
-  workdir = str(tmp_path / "two_hosts")
+def _start_hosts(workdir):
   with socket.socket() as probe:
     probe.bind(("127.0.0.1", 0))
     port = str(probe.getsockname()[1])
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-  hosts = [subprocess.Popen([sys.executable, "-c", _HOST_PROGRAM, str(i), port, workdir,
-                             os.path.join(REPO, "tests")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
-           for i in range(2)]
+  return [subprocess.Popen([sys.executable, "-c", _HOST_PROGRAM, str(i), port, workdir,
+                            os.path.join(REPO, "tests")], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+          for i in range(2)]
+
+
+def _finish_hosts(hosts):
   outputs = []
   for host in hosts:
     try:
@@ -209,17 +207,42 @@ def test_two_hosts_train_like_one(runs, tmp_path):
       raise
     assert host.returncode == 0, err[-4000:]
     outputs.append(json.loads(out.strip().splitlines()[-1]))
-  assert [o["process"] for o in outputs] == [0, 1]
-  assert all(o["devices"] == 8 and o["step"] == STEPS for o in outputs)
+  assert [o["process"] for o in outputs] == [0, 1] and all(o["devices"] == 8 for o in outputs)
+  return outputs
+
+
+def test_two_hosts_preempted_and_resumed_train_like_one(runs, tmp_path):
+  """2 processes x 4 CPU devices (gloo collectives, one shared workdir) = 1 process x 8 devices,
+  through a SIGTERM to both hosts (a TPU maintenance event) and a resume.
+
+  This is the TPU-pod path: each host feeds its slice of the plan, Orbax saves from all hosts,
+  JAX's preemption sync makes every host stop at the same step, evaluation runs on every host."""
+  reference_dir, reference = runs["hybrid"]
+  workdir = str(tmp_path / "two_hosts")
+  hosts = _start_hosts(workdir)
+  try:
+    _wait_for_checkpoint(workdir, 50, process=hosts[0])
+  finally:
+    for host in hosts:
+      host.send_signal(signal.SIGTERM)
+  stopped = _finish_hosts(hosts)
+  assert all(o["preempted"] for o in stopped), stopped
+  stop_step = stopped[0]["step"]
+  assert stopped[1]["step"] == stop_step and 50 <= stop_step < STEPS
+  assert checkpointing.latest_step(workdir) == stop_step  # saved where both stopped
+
+  finished = _finish_hosts(_start_hosts(workdir))  # the same command again: resume
+  assert all(o["step"] == STEPS and not o["preempted"] for o in finished)
   expected = reference["evals"]["synthetic"]["summary"]
-  for o in outputs:
+  for o in finished:
     for setting in ("monolingual", "cross_lingual", "multilingual"):
       assert abs(o["map"][setting]["map"] - expected[setting]["map"]) <= 1e-4, (setting, o)
   reference_weights = _export_kernels(reference_dir, str(tmp_path / "export_reference"))
   two_host_weights = _export_kernels(workdir, str(tmp_path / "export_two_hosts"))
   worst = max(float(np.abs(reference_weights[k] - two_host_weights[k]).max())
               for k in reference_weights)
-  print(f"2 hosts x 4 devices vs 1 host x 8 devices after {STEPS} steps: max |diff| {worst:.3g}")
+  print(f"2 hosts x 4 devices, SIGTERM at step {stop_step} + resume, vs 1 host x 8 devices "
+        f"uninterrupted, after {STEPS} steps: max |diff| {worst:.3g}")
   assert worst <= 1e-5, worst
 
 
