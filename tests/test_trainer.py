@@ -349,3 +349,15 @@ def test_evaluate_cli_scores_a_runlocal_workdir_like_the_trainer(runs, tmp_path)
   for setting in ("monolingual", "cross_lingual", "multilingual"):
     assert abs(results["summary"][setting]["map"] - trained[setting]["map"]) <= 1e-5, setting
   assert os.path.isfile(tmp_path / "eval" / "results.json")
+
+
+def test_nan_loss_stops_with_the_steps_and_the_plan_command(tmp_path):
+  # An infinite learning rate turns the parameters into NaN/inf after the first update.
+  config = _config("hybrid", **{"train.learning_rate": float("inf"), "train.num_steps": 20,
+                                "train.warmup_steps": 2, "train.log_every_steps": 10,
+                                "train.eval_every_steps": 0, "train.checkpoint_every_steps": 10})
+  config.evals = {}
+  with pytest.raises(trainer.TrainingDivergedError,
+                     match=r"NaN or inf between steps 1 and 10 .*hybrid_jax\.data\.plan "
+                           r"--start=0 --steps=10"):
+    trainer.train_and_evaluate(config, str(tmp_path / "run"))
