@@ -19,11 +19,12 @@ _ARCHITECTURES = {
                   num_attention_heads=12, intermediate_size=3072, max_position_embeddings=512,
                   type_vocab_size=2, pad_token_id=0, layer_norm_eps=1e-12, pooling="pooler",
                   add_pooling_layer=True),
-    # multilingual-e5-small: BERT architecture over the XLM-R vocabulary, mean pooling.
+    # multilingual-e5-small: BERT architecture over the XLM-R vocabulary, mean pooling; as the
+    # offline conversion (models/e5_convert.py) has it: no pooler, pad id = the tokenizer's <pad>.
     "me5-small": dict(model_type="bert", vocab_size=250037, hidden_size=384, num_hidden_layers=12,
                       num_attention_heads=12, intermediate_size=1536, max_position_embeddings=512,
-                      type_vocab_size=2, pad_token_id=0, layer_norm_eps=1e-12, pooling="mean",
-                      add_pooling_layer=True),
+                      type_vocab_size=2, pad_token_id=1, layer_norm_eps=1e-12, pooling="mean",
+                      add_pooling_layer=False),
     # Tiny encoder for tests and :runlocal demos on the synthetic data (its own small vocabulary).
     "tiny": dict(model_type="bert", vocab_size=512, hidden_size=64, num_hidden_layers=2,
                  num_attention_heads=4, intermediate_size=128, max_position_embeddings=128,
