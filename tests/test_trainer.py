@@ -361,3 +361,43 @@ def test_nan_loss_stops_with_the_steps_and_the_plan_command(tmp_path):
                      match=r"NaN or inf between steps 1 and 10 .*hybrid_jax\.data\.plan "
                            r"--start=0 --steps=10"):
     trainer.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_real_data_run_trains_on_mlqa_r_and_evaluates_on_xquad_r(tmp_path):
+  """The full configs' path on the real LAReQA files: the e5 tokenizer, MLQA-R batches, the
+  XQuAD-R grid at the end; only the encoder is shrunk (and 3 of the languages kept)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from hybrid_jax.data import lareqa  # pylint: disable=g-import-not-at-top
+  from hybrid_jax.models import e5_convert  # pylint: disable=g-import-not-at-top
+  data_root = lareqa.default_data_root()
+  if not os.path.isdir(os.path.join(data_root, "mlqa-r")):
+    pytest.skip(f"no real data at {data_root} (set HYBRID_JAX_DATA)")
+  tokenizer_dir = tmp_path / "e5_tokenizer"
+  tokenizer_dir.mkdir()
+  shutil.copy(e5_convert.source_paths()[1], tokenizer_dir / "tokenizer.json")
+
+  path = os.path.join(REPO, "configs", "xlmr_hybrid.py")
+  spec = importlib.util.spec_from_file_location("config_real", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  assert (config.data.source, config.data.path, sorted(config.evals)) == (
+      "lareqa", "mlqa-r", ["xquad_r"])
+  config.model.update(tokenizer=str(tokenizer_dir), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=1, num_attention_heads=2, dtype="float32")
+  config.data.update(languages=("en", "de", "es"), query_max_length=32, passage_max_length=48,
+                     validation_batches=2)
+  config.train.update(batch_size=32, num_steps=40, warmup_steps=4, learning_rate=1e-3,
+                      log_every_steps=20, eval_every_steps=40, checkpoint_every_steps=40)
+  config.evals.xquad_r.languages = ("en", "de")
+  config.evals.xquad_r.every_steps = 0
+  result = trainer.train_and_evaluate(config, str(tmp_path / "run"))
+
+  metrics = result["metrics"]
+  assert result["step"] == 40 and np.isfinite(metrics["loss"])
+  assert metrics["validation/loss"] < metrics["validation/loss_at_start"], metrics
+  xquad = result["evals"]["xquad_r"]
+  # 1190 questions per language; en->en, de->de, en->de, de->en.
+  assert xquad["summary"]["monolingual"]["num_queries"] == 2 * 1190
+  assert xquad["summary"]["cross_lingual"]["num_settings"] == 2
+  assert 0.0 < xquad["summary"]["monolingual"]["map"] < 1.0
