@@ -246,48 +246,25 @@ def _plot(path: str, rows: Sequence[dict], names: Sequence[str]) -> None:
 
 # --- command line ----------------------------------------------------------------------------------
 def main() -> None:
-  # Flags are defined here, not at import, so that importing this module next to hybrid_jax.train
-  # (which defines --config and --workdir too) stays possible.
+  # --config, --workdir and --distributed are hybrid_jax.train's flags (imported here, not at the
+  # top, so that importing this module as a library defines no flags).
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from hybrid_jax import train as train_cli  # pylint: disable=g-import-not-at-top
 
-  config_flag = config_flags.DEFINE_config_file(
-      "config", None, "A *_hybrid.py experiment config, optionally with an argument "
-      "(FILE.py:runlocal); every run of the sweep uses it with its own data.alpha.",
-      lock_config=True)
-  workdir_flag = flags.DEFINE_string("workdir", None, "Sweep directory: one alpha_<a>/ run "
-                                     "directory per alpha, plus the alpha_sweep.* report.")
   alphas_flag = flags.DEFINE_string("alphas", "0,0.25,0.5,0.75,1",
                                     "Comma-separated alphas in [0, 1].")
-  distributed_flag = flags.DEFINE_bool("distributed", False,
-                                       "Call jax.distributed.initialize() first (multi-host).")
-  flags.mark_flags_as_required(["config", "workdir"])
 
   def run(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-      logging.set_verbosity(logging.WARNING)
+    train_cli.start_process(argv)
+    rows = train_cli.exit_on_user_error(lambda: sweep(
+        train_cli.CONFIG.value, train_cli.WORKDIR.value, parse_alphas(alphas_flag.value)))
     import jax  # pylint: disable=g-import-not-at-top
-    if distributed_flag.value:
-      jax.distributed.initialize()
-    from hybrid_jax import trainer  # pylint: disable=g-import-not-at-top
-    try:
-      alphas = parse_alphas(alphas_flag.value)
-      rows = sweep(config_flag.value, workdir_flag.value, alphas)
-    except ValueError as e:  # config, flag, path and data problems: the message says how to fix
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-    except trainer.TrainingDivergedError as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(3)
     if jax.process_index() == 0:
       print("\n== alpha sweep ==\n" + markdown_table(rows))
       for key, value in best_alphas(rows).items():
         print(f"best {key}: alpha = {value:g}")
-      print(f"report: {', '.join(os.path.join(workdir_flag.value, n) for n in SWEEP_FILES)}")
+      print(f"report: {', '.join(os.path.join(train_cli.WORKDIR.value, n) for n in SWEEP_FILES)}")
 
   app.run(run)
 

@@ -12,42 +12,55 @@ in hybrid_jax.trainer.train_and_evaluate; this file only parses flags.
 from __future__ import annotations
 
 import sys
+from typing import Any, Callable
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
+# Also the flags of hybrid_jax.sweep, which imports this module for them.
+CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, optionally with an argument: FILE.py:runlocal,alpha=0.3",
     lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and evaluation "
-                               "results (gs://... with several hosts).")
-_DISTRIBUTED = flags.DEFINE_bool(
+WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and evaluation "
+                              "results (gs://... with several hosts).")
+DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first (multi-host TPU/GPU; the "
     "launch scripts set this).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv):
+def start_process(argv) -> None:
+  """What every training command does first: no stray arguments, quiet Orbax, multi-host init."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     # Orbax logs every checkpoint file operation at INFO; the trainer prints its own progress.
     logging.set_verbosity(logging.WARNING)
-  import jax  # pylint: disable=g-import-not-at-top
-  if _DISTRIBUTED.value:
+  if DISTRIBUTED.value:
+    import jax  # pylint: disable=g-import-not-at-top
     jax.distributed.initialize()
+
+
+def exit_on_user_error(fn: Callable[[], Any]) -> Any:
+  """Runs fn; a problem the user can fix ends the process with one `error:` line, no traceback:
+  status 2 for config, path and data errors (the message says what and how), 3 for a NaN loss."""
   from hybrid_jax import trainer  # pylint: disable=g-import-not-at-top
   try:
-    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    return fn()
   except ValueError as e:
-    # Config, path and data problems a user can fix: the message says what and how.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   except trainer.TrainingDivergedError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3)
+
+
+def main(argv):
+  start_process(argv)
+  from hybrid_jax import trainer  # pylint: disable=g-import-not-at-top
+  exit_on_user_error(lambda: trainer.train_and_evaluate(CONFIG.value, WORKDIR.value))
 
 
 if __name__ == "__main__":
