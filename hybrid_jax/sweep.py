@@ -64,26 +64,8 @@ def run_dir(workdir: str, alpha: float) -> str:
   return os.path.join(workdir, f"alpha_{alpha:g}")
 
 
-def _logged_validation(workdir: str) -> dict:
-  """The last validation line of a run's metrics file (a re-run of a finished run trains no step,
-  so its result carries no validation loss)."""
-  from hybrid_jax import trainer  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, trainer.METRICS_FILE)
-  found = {}
-  if os.path.isfile(path):
-    with open(path, encoding="utf-8") as f:
-      for line in f:
-        record = json.loads(line)
-        if "validation/loss" in record:
-          found.setdefault("validation/loss_at_start", record["validation/loss"])
-          found["validation/loss"] = record["validation/loss"]
-  return found
-
-
 def _row(alpha: float, workdir: str, result: dict) -> dict:
   metrics = result.get("metrics") or {}
-  if metrics.get("validation/loss") is None:
-    metrics = {**metrics, **_logged_validation(workdir)}
   row = {"alpha": alpha, "workdir": workdir, "step": int(result["step"]),
          "validation_loss": metrics.get("validation/loss"),
          "validation_loss_at_start": metrics.get("validation/loss_at_start"), "evals": {}}

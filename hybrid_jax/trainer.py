@@ -273,6 +273,20 @@ class JsonlWriter:
   def write_images(self, step, images):
     pass
 
+
+def logged_validation(workdir: str) -> dict[str, float]:
+  """From <workdir>/metrics.jsonl: the first validation loss logged (as
+  validation/loss_at_start) and the last one (validation/loss); {} when none was logged."""
+  path = epath.Path(workdir) / METRICS_FILE
+  found = {}
+  if path.exists():
+    for line in path.read_text().splitlines():
+      record = json.loads(line) if line.strip() else {}
+      if "validation/loss" in record:
+        found.setdefault("validation/loss_at_start", record["validation/loss"])
+        found["validation/loss"] = record["validation/loss"]
+  return found
+
   def write_videos(self, step, videos):
     pass
 
@@ -633,7 +647,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # SIGTERM is handled from here on: after the current step, save and return.
   with checkpointing.PreemptionGuard(checkpointer) as guard:
-    last = {"validation/loss": None}
+    # A resumed (or finished) run reports what its earlier part logged until it validates anew.
+    last = {"validation/loss": None, **(logged_validation(workdir) if start_step else {})}
     if start_step == 0:
       first_validation = validation_loss(state.params, 0)
       if first_validation:

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -12,23 +14,19 @@ def _run(args):
                         timeout=300)
 
 
-def test_train_cli_reports_a_bad_config_without_a_traceback(tmp_path):
+@pytest.mark.parametrize("override,message", [
+    ("--config.train.batch_size=12", "error: config.train.batch_size=12 is not divisible by the 8 "
+     "devices"),
+    # config.mesh is a tuple so that ml_collections can override it; 3 x 4 needs 12 devices.
+    ("--config.mesh=(('data', 3), ('fsdp', 4))", "uses 12 devices but 8 are available"),
+], ids=["batch_size", "mesh"])
+def test_train_cli_reports_a_bad_config_without_a_traceback(tmp_path, override, message):
   workdir = tmp_path / "run"
-  result = _run(["hybrid_jax.train", "--config=configs/xlmr_hybrid.py:runlocal",
-                 "--config.train.batch_size=12", f"--workdir={workdir}"])
+  result = _run(["hybrid_jax.train", "--config=configs/xlmr_hybrid.py:runlocal", override,
+                 f"--workdir={workdir}"])
   assert result.returncode == 2, result.stderr[-2000:]
-  assert "error: config.train.batch_size=12 is not divisible by the 8 devices" in result.stderr
+  assert message in result.stderr
   assert "Traceback" not in result.stderr
-  assert not workdir.exists()
-
-
-def test_train_cli_takes_the_mesh_from_the_command_line(tmp_path):
-  # config.mesh is a tuple so that ml_collections can override it; 3 x 4 needs 12 devices.
-  workdir = tmp_path / "run"
-  result = _run(["hybrid_jax.train", "--config=configs/xlmr_hybrid.py:runlocal",
-                 "--config.mesh=(('data', 3), ('fsdp', 4))", f"--workdir={workdir}"])
-  assert result.returncode == 2, result.stderr[-2000:]
-  assert "uses 12 devices but 8 are available" in result.stderr
   assert not workdir.exists()
 
 

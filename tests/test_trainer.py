@@ -247,7 +247,7 @@ def test_two_hosts_preempted_and_resumed_train_like_one(runs, tmp_path):
 
 
 def test_export_loads_in_pytorch_with_the_same_embeddings(runs, tmp_path):
-  torch = pytest.importorskip("torch")
+  import torch  # pylint: disable=g-import-not-at-top  (a [test] dependency)
   import transformers  # pylint: disable=g-import-not-at-top
   from hybrid_jax.models import inference  # pylint: disable=g-import-not-at-top
 
@@ -370,8 +370,8 @@ def test_real_data_run_trains_on_mlqa_r_and_evaluates_on_xquad_r(tmp_path):
   from hybrid_jax.data import lareqa  # pylint: disable=g-import-not-at-top
   from hybrid_jax.models import e5_convert  # pylint: disable=g-import-not-at-top
   data_root = lareqa.default_data_root()
-  if not os.path.isdir(os.path.join(data_root, "mlqa-r")):
-    pytest.skip(f"no real data at {data_root} (set HYBRID_JAX_DATA)")
+  assert os.path.isdir(os.path.join(data_root, "mlqa-r")), (
+      f"real data missing at {data_root}: set $HYBRID_JAX_DATA to the folder holding mlqa-r/")
   tokenizer_dir = tmp_path / "e5_tokenizer"
   tokenizer_dir.mkdir()
   shutil.copy(e5_convert.source_paths()[1], tokenizer_dir / "tokenizer.json")

@@ -112,7 +112,8 @@ def _run_data_config(opts: RunOptions) -> dict:
   if data is not None:
     return data.to_dict() if hasattr(data, "to_dict") else dict(data)
   if opts.workdir:
-    path = os.path.join(opts.workdir, "config.json")
+    from hybrid_jax import checkpointing  # pylint: disable=g-import-not-at-top
+    path = os.path.join(opts.workdir, checkpointing.CONFIG_FILE)
     if os.path.isfile(path):
       with open(path, encoding="utf-8") as f:
         return dict(json.load(f).get("data") or {})
@@ -136,18 +137,13 @@ def make_evaluator(opts: RunOptions) -> evaluators_lib.GridEvaluator:
                 normalize=opts.normalize, show_progress=opts.show_progress)
   if opts.dataset == "synthetic":
     from hybrid_jax.eval import synthetic_eval  # pylint: disable=g-import-not-at-top
-    return synthetic_eval.SyntheticEvaluator(_synthetic_config(opts), **common)
+    # The run's generator spec: a :runlocal run's held-out ids exist only for the spec it used.
+    return synthetic_eval.SyntheticEvaluator(_run_data_config(opts).get("synthetic"), **common)
   if opts.dataset == "beir":
     return evaluators_lib.BeirEvaluator(opts.data_dir, opts.beir_split,
                                         opts.languages[0] if opts.languages else None, **common)
   return evaluators_lib.LareqaEvaluator(opts.dataset, opts.data_dir, tuple(opts.languages),
                                         opts.candidate_context, **common)
-
-
-def _synthetic_config(opts: RunOptions) -> dict:
-  """The synthetic generator spec of the run (--config or the workdir's), else the default: a
-  :runlocal run's held-out ids exist only for the spec it was trained with."""
-  return dict(_run_data_config(opts).get("synthetic") or {})
 
 
 def _file_stamp(directory: str) -> dict:

