@@ -44,6 +44,7 @@ import orbax.checkpoint as ocp
 import tokenizers
 from etils import epath
 
+from hybrid_jax import errors
 from hybrid_jax.data import tokenization
 from hybrid_jax.models import encoder as encoder_lib
 
@@ -56,7 +57,7 @@ VALIDATION_METRIC = "validation_loss"
 _STATE_ITEMS = ("params", "opt_state")
 
 
-class CheckpointConfigError(ValueError):
+class CheckpointConfigError(errors.UserError):
   """The workdir, the requested step or init_from cannot be used; the message says how to fix it."""
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import ml_collections
 
+from hybrid_jax import errors
 
-class ConfigArgError(ValueError):
+
+class ConfigArgError(errors.UserError):
   """A config argument string names an unknown key or a value of the wrong type."""
 
 
@@ -112,8 +114,6 @@ def build_config(backbone: str, batch_type: str, arg: str | None = None,
   config = ml_collections.ConfigDict()
   config.seed = 0  # parameter init and dropout; data order has its own seed (data.seed)
   config.model = presets.model_config("tiny" if args.runlocal else backbone)
-  # Compute dtype: "auto" = bfloat16 on TPU/GPU, float32 on CPU (parameters are always float32).
-  config.model.dtype = "auto"
   # Full runs train on the real parallel QA pairs; :runlocal on the built-in synthetic data.
   config.data = data_defaults.data_config(batch_type, real_data=not args.runlocal)
   config.train = train_config()

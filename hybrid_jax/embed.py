@@ -18,8 +18,10 @@ import time
 
 import numpy as np
 
+from hybrid_jax import errors
 
-class EmbedError(ValueError):
+
+class EmbedError(errors.UserError):
   """The input file or the output path cannot be used."""
 
 

@@ -62,6 +62,8 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from hybrid_jax import errors
+
 # Row batch types (hybrid_jax.data.sampler.ROW_TYPE_IDS): per-type loss sums are indexed by these.
 BATCH_TYPE_NAMES = ("mono", "xy", "mixed")
 MAX_SCALE = 100.0  # learnable temperature: the scale is clipped here (CLIP's choice)
@@ -70,7 +72,7 @@ MAX_SCALE = 100.0  # learnable temperature: the scale is clipped here (CLIP's ch
 EncodeFn = Callable[[Any, jax.Array, jax.Array, jax.Array | None], jax.Array]
 
 
-class LossConfigError(ValueError):
+class LossConfigError(errors.UserError):
   """The loss options contradict each other or the batch lacks a feature the loss needs."""
 
 

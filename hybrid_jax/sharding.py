@@ -26,6 +26,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from hybrid_jax import errors
+
 # Logical axis -> mesh axis (or tuple of mesh axes, or None). The first rule naming a logical axis
 # wins. "batch" is the leading dimension of every input array.
 PARTITION_RULES: tuple[tuple[str, Any], ...] = (
@@ -41,7 +43,7 @@ TENSOR_AXIS = "tensor"
 KNOWN_AXES = ("data", "fsdp", TENSOR_AXIS)
 
 
-class ShardingConfigError(ValueError):
+class ShardingConfigError(errors.UserError):
   """config.mesh or the batch size does not fit the devices and hosts."""
 
 

@@ -30,11 +30,13 @@ import sys
 import time
 from typing import Callable, Sequence
 
+from hybrid_jax import errors
+
 SETTINGS = ("monolingual", "cross_lingual", "multilingual")
 SWEEP_FILES = ("alpha_sweep.json", "alpha_sweep.csv", "alpha_sweep.md", "alpha_sweep.png")
 
 
-class SweepConfigError(ValueError):
+class SweepConfigError(errors.UserError):
   """The sweep's flags or config cannot give a meaningful alpha sweep."""
 
 

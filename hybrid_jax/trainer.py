@@ -40,6 +40,7 @@ import numpy as np
 import optax
 from etils import epath
 
+from hybrid_jax import errors
 from hybrid_jax import checkpointing
 from hybrid_jax import losses
 from hybrid_jax import sharding
@@ -56,7 +57,7 @@ BATCH_TYPE_NAMES = losses.BATCH_TYPE_NAMES
 METRICS_FILE = "metrics.jsonl"
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(errors.UserError):
   """The experiment config cannot be trained as given; the message says what to change."""
 
 

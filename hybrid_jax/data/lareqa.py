@@ -18,10 +18,12 @@ import json
 import os
 from typing import Iterable
 
+from hybrid_jax import errors
+
 DATA_ENV_VAR = "HYBRID_JAX_DATA"
 
 
-class LareqaFormatError(ValueError):
+class LareqaFormatError(errors.UserError):
   """A LAReQA file is missing, unreadable or does not follow the format."""
 
 

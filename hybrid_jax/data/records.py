@@ -28,11 +28,13 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from hybrid_jax import errors
+
 _ALLOWED_TOP_KEYS = ("id", "languages", "meta")
 _ALLOWED_LANGUAGE_KEYS = ("query", "positive", "negative")
 
 
-class DataError(ValueError):
+class DataError(errors.UserError):
   """Data files or the data config are malformed; the message names the file/record or field."""
 
 

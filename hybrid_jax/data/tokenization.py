@@ -16,12 +16,14 @@ from typing import Sequence
 import numpy as np
 import tokenizers
 
+from hybrid_jax import errors
+
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 _PAD_TOKEN_CANDIDATES = ("<pad>", "[PAD]")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(errors.UserError):
   """A tokenizer file is missing, unreadable or does not fit the model."""
 
 

@@ -19,11 +19,12 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from hybrid_jax import errors
 from hybrid_jax.data import lareqa
 from hybrid_jax.eval import metrics as metrics_lib
 
 
-class CollectionError(ValueError):
+class CollectionError(errors.UserError):
   """Evaluation data is missing, unreadable or inconsistent."""
 
 

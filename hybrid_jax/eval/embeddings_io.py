@@ -14,10 +14,12 @@ from typing import Sequence
 
 import numpy as np
 
+from hybrid_jax import errors
+
 KINDS = ("queries", "candidates")
 
 
-class EmbeddingsError(ValueError):
+class EmbeddingsError(errors.UserError):
   """Embedding files are missing, malformed or do not match the collection."""
 
 

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
+from hybrid_jax import errors
 from hybrid_jax.eval import embeddings_io
 from hybrid_jax.eval import evaluators as evaluators_lib
 from hybrid_jax.eval import report
@@ -24,7 +25,7 @@ from hybrid_jax.eval import report
 DATASETS = evaluators_lib.LAREQA_DATASETS + ("beir", "synthetic")
 
 
-class EvaluateUsageError(ValueError):
+class EvaluateUsageError(errors.UserError):
   """The command line asks for something inconsistent."""
 
 

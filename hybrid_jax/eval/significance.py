@@ -17,11 +17,12 @@ from typing import Sequence
 
 import numpy as np
 
+from hybrid_jax import errors
 from hybrid_jax.eval import grid as grid_lib
 from hybrid_jax.eval import report
 
 
-class CompareError(ValueError):
+class CompareError(errors.UserError):
   """The two result directories cannot be compared."""
 
 

@@ -44,6 +44,8 @@ import time
 
 import numpy as np
 
+from hybrid_jax import errors
+
 MODELS_ENV_VAR = "HYBRID_JAX_MODELS"
 MODEL_NAME = "multilingual-e5-small"
 # Bump when the output format changes: ensure_converted() then rebuilds old directories.
@@ -64,7 +66,7 @@ OUTPUT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer
                 "README.md", "NOTICE", "conversion.json")
 
 
-class E5ConvertError(ValueError):
+class E5ConvertError(errors.UserError):
   """The source packages are missing, or their files are not what the converter expects."""
 
 

@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hybrid_jax import errors
+
 MODEL_TYPES = ("bert", "xlm-roberta", "roberta")
 POOLINGS = ("cls", "mean", "pooler")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -44,7 +46,7 @@ _NORM_EPS = 1e-12  # floor of the L2 norm, so an all-zero pooled vector does not
 _INIT_STD = 0.02  # BERT's initializer_range
 
 
-class EncoderConfigError(ValueError):
+class EncoderConfigError(errors.UserError):
   """An encoder configuration is inconsistent (bad sizes, unknown names)."""
 
 

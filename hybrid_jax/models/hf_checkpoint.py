@@ -28,6 +28,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from hybrid_jax import errors
 from hybrid_jax.data import tokenization
 from hybrid_jax.models import encoder as encoder_lib
 
@@ -43,7 +44,7 @@ _IGNORED = re.compile(r"^(cls\.|lm_head\.|classifier\.|qa_outputs\.|"
                       r"embeddings\.position_ids$|embeddings\.token_type_ids$)")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError):
   """A checkpoint directory is missing, unreadable or does not match the encoder."""
 
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from hybrid_jax import errors
 from hybrid_jax.data import tokenization
 from hybrid_jax.models import encoder as encoder_lib
 
@@ -34,7 +35,7 @@ from hybrid_jax.models import encoder as encoder_lib
 _BUCKET_LADDER = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 
 
-class InferenceError(ValueError):
+class InferenceError(errors.UserError):
   """An embedder was asked for something it cannot do (bad sizes, no tokenizer, bad texts)."""
 
 

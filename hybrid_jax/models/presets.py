@@ -7,6 +7,8 @@ from the checkpoint and only `pooling`, `dtype` and the dropout rates here apply
 
 import ml_collections
 
+from hybrid_jax import errors
+
 # Architecture of each backbone (from the public Hugging Face configs).
 _ARCHITECTURES = {
     # XLM-R base: RoBERTa architecture, 250k SentencePiece vocabulary.
@@ -32,27 +34,25 @@ _ARCHITECTURES = {
                  add_pooling_layer=False),
 }
 
-# Where each backbone's Hugging Face checkpoint directory usually lives; users override init_from.
-_DEFAULT_INIT_FROM = {
-    "xlmr-base": "",
-    "labse": "",
-    "me5-small": "",
-    "tiny": "",
-}
+
+
+class PresetError(errors.UserError):
+  """An unknown backbone name."""
 
 
 def model_config(backbone: str) -> ml_collections.ConfigDict:
   """The `config.model` section for one backbone (see _ARCHITECTURES for the names)."""
   if backbone not in _ARCHITECTURES:
-    raise ValueError(f"unknown backbone {backbone!r}; known: {sorted(_ARCHITECTURES)}")
+    raise PresetError(f"unknown backbone {backbone!r}; known: {sorted(_ARCHITECTURES)}")
   config = ml_collections.ConfigDict()
   config.backbone = backbone  # preset name, for the record
-  config.init_from = _DEFAULT_INIT_FROM[backbone]  # HF checkpoint dir ("" = random init)
+  config.init_from = ""  # HF checkpoint dir ("" = random init); the configs set it
   config.tokenizer = ""  # dir with tokenizer.json ("" = init_from, or the data source's own)
   config.update(_ARCHITECTURES[backbone])
   config.hidden_act = "gelu"  # activation in the feed-forward blocks
   config.hidden_dropout_prob = 0.1  # dropout on embeddings and sublayer outputs (training only)
   config.attention_probs_dropout_prob = 0.1  # dropout on attention weights (training only)
-  config.dtype = "float32"  # compute dtype; "bfloat16" on TPU/GPU (parameters stay float32)
+  # Compute dtype: "auto" = bfloat16 on TPU/GPU, float32 on CPU (parameters are always float32).
+  config.dtype = "auto"
   config.remat = False  # recompute each layer in the backward pass: less memory, ~1/3 more compute
   return config
