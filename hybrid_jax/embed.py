@@ -96,12 +96,9 @@ def main(argv) -> None:
     print("error: --model=HF_DIR, --input=texts.txt and --output=emb.npy are required",
           file=sys.stderr)
     sys.exit(2)
-  try:
-    embed_file(f.model, f.input, f.output, pooling=f.pooling, prefix=f.prefix,
-               max_length=f.max_length, batch_size=f.batch_size, dtype=f.dtype)
-  except ValueError as e:  # EmbedError, CheckpointError, InferenceError, TokenizerError
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  errors.exit_on_user_error(lambda: embed_file(
+      f.model, f.input, f.output, pooling=f.pooling, prefix=f.prefix, max_length=f.max_length,
+      batch_size=f.batch_size, dtype=f.dtype))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import sys
 from absl import app
 from absl import flags
 
+from hybrid_jax import errors
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory.")
 _STEP = flags.DEFINE_string("step", "best", "best (lowest validation loss) | last | a step number.")
 _OUT = flags.DEFINE_string("out", None, "Output Hugging Face model directory.")
@@ -31,11 +33,7 @@ def export(workdir: str, out_dir: str, step: str = "best") -> int:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    step = export(_WORKDIR.value, _OUT.value, _STEP.value)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  step = errors.exit_on_user_error(lambda: export(_WORKDIR.value, _OUT.value, _STEP.value))
   print(f"exported step {step} of {_WORKDIR.value} to {_OUT.value}", file=sys.stderr)
 
 

@@ -241,7 +241,7 @@ def main() -> None:
 
   def run(argv):
     train_cli.start_process(argv)
-    rows = train_cli.exit_on_user_error(lambda: sweep(
+    rows = errors.exit_on_user_error(lambda: sweep(
         train_cli.CONFIG.value, train_cli.WORKDIR.value, parse_alphas(alphas_flag.value)))
     import jax  # pylint: disable=g-import-not-at-top
     if jax.process_index() == 0:

@@ -11,13 +11,12 @@ in hybrid_jax.trainer.train_and_evaluate; this file only parses flags.
 
 from __future__ import annotations
 
-import sys
-from typing import Any, Callable
-
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from hybrid_jax import errors
 
 # Also the flags of hybrid_jax.sweep, which imports this module for them.
 CONFIG = config_flags.DEFINE_config_file(
@@ -43,24 +42,10 @@ def start_process(argv) -> None:
     jax.distributed.initialize()
 
 
-def exit_on_user_error(fn: Callable[[], Any]) -> Any:
-  """Runs fn; a problem the user can fix ends the process with one `error:` line, no traceback:
-  status 2 for config, path and data errors (the message says what and how), 3 for a NaN loss."""
-  from hybrid_jax import trainer  # pylint: disable=g-import-not-at-top
-  try:
-    return fn()
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except trainer.TrainingDivergedError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(3)
-
-
 def main(argv):
   start_process(argv)
   from hybrid_jax import trainer  # pylint: disable=g-import-not-at-top
-  exit_on_user_error(lambda: trainer.train_and_evaluate(CONFIG.value, WORKDIR.value))
+  errors.exit_on_user_error(lambda: trainer.train_and_evaluate(CONFIG.value, WORKDIR.value))
 
 
 if __name__ == "__main__":

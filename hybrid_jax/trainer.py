@@ -61,8 +61,7 @@ class TrainConfigError(errors.UserError):
   """The experiment config cannot be trained as given; the message says what to change."""
 
 
-class TrainingDivergedError(FloatingPointError):
-  """The loss became NaN or infinite."""
+TrainingDivergedError = errors.TrainingDivergedError
 
 
 @flax.struct.dataclass
@@ -275,19 +274,6 @@ class JsonlWriter:
     pass
 
 
-def logged_validation(workdir: str) -> dict[str, float]:
-  """From <workdir>/metrics.jsonl: the first validation loss logged (as
-  validation/loss_at_start) and the last one (validation/loss); {} when none was logged."""
-  path = epath.Path(workdir) / METRICS_FILE
-  found = {}
-  if path.exists():
-    for line in path.read_text().splitlines():
-      record = json.loads(line) if line.strip() else {}
-      if "validation/loss" in record:
-        found.setdefault("validation/loss_at_start", record["validation/loss"])
-        found["validation/loss"] = record["validation/loss"]
-  return found
-
   def write_videos(self, step, videos):
     pass
 
@@ -301,7 +287,37 @@ def logged_validation(workdir: str) -> dict[str, float]:
     pass
 
   def write_hparams(self, hparams):
-    pass
+    pass  # the run's hyperparameters are <workdir>/config.json already; metrics.jsonl is scalars
+
+
+def logged_validation(workdir: str) -> dict[str, float]:
+  """From <workdir>/metrics.jsonl: the first validation loss logged (as
+  validation/loss_at_start) and the last one (validation/loss); {} when none was logged."""
+  path = epath.Path(workdir) / METRICS_FILE
+  found = {}
+  if path.exists():
+    for line in path.read_text().splitlines():
+      record = json.loads(line) if line.strip() else {}
+      if "validation/loss" in record:
+        found.setdefault("validation/loss_at_start", record["validation/loss"])
+        found["validation/loss"] = record["validation/loss"]
+  return found
+
+
+def hparams_of(config) -> dict[str, Any]:
+  """The config flattened to {"train.learning_rate": 3e-05, ...} for TensorBoard's HParams tab
+  (which takes scalars only: tuples and lists become their string form)."""
+  flat = {}
+
+  def walk(tree, prefix):
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        walk(value, f"{prefix}{key}.")
+      else:
+        scalar = isinstance(value, (bool, int, float, str))
+        flat[f"{prefix}{key}"] = value if scalar else str(value)
+  walk(config.to_dict() if hasattr(config, "to_dict") else dict(config), "")
+  return flat
 
 
 def _reduce_metrics(history: list[dict]) -> dict[str, float]:
@@ -606,6 +622,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer = metric_writers.MultiWriter(
       [metric_writers.SummaryWriter(workdir), JsonlWriter(workdir, resume_step=start_step)]
       if jax.process_index() == 0 else [])
+  writer.write_hparams(hparams_of(config))
 
   # --- evaluators ---------------------------------------------------------------------------------
   evaluation = _Evaluation(config, workdir, encoder_config, tokenizer)

@@ -1,0 +1,40 @@
+"""The trainer's metrics.jsonl writer implements clu's MetricWriter interface (it runs inside a clu
+MultiWriter next to TensorBoard's writer, so a missing method fails the first call through it)."""
+
+import inspect
+import json
+
+from clu import metric_writers
+import ml_collections
+
+from hybrid_jax import trainer
+
+
+def test_jsonl_writer_has_every_abstract_method_of_clu_metric_writer():
+  abstract = sorted(metric_writers.MetricWriter.__abstractmethods__)
+  assert len(abstract) >= 10, abstract  # the interface as clu 0.0.12 has it
+  missing = [name for name in abstract if not callable(getattr(trainer.JsonlWriter, name, None))]
+  assert not missing, f"JsonlWriter lacks {missing}"
+  for name in abstract:  # same parameters, so calls through MultiWriter bind the same way
+    ours = list(inspect.signature(getattr(trainer.JsonlWriter, name)).parameters)
+    theirs = list(inspect.signature(getattr(metric_writers.MetricWriter, name)).parameters)
+    assert ours == theirs, (name, ours, theirs)
+
+
+def test_multi_writer_with_tensorboard_writes_hparams_texts_and_scalars(tmp_path):
+  config = ml_collections.ConfigDict({"train": {"learning_rate": 3e-5, "batch_size": 32},
+                                      "mesh": (("data", -1),), "data": {"alpha": 0.5}})
+  writer = metric_writers.MultiWriter([metric_writers.SummaryWriter(str(tmp_path)),
+                                       trainer.JsonlWriter(str(tmp_path))])
+  hparams = trainer.hparams_of(config)
+  assert hparams == {"train.learning_rate": 3e-5, "train.batch_size": 32,
+                     "mesh": "(('data', -1),)", "data.alpha": 0.5}
+  writer.write_hparams(hparams)
+  writer.write_texts(1, {"note": "hello"})
+  writer.write_histograms(1, {"x": [1.0, 2.0]})
+  writer.write_scalars(2, {"loss": 1.5})
+  writer.flush()
+  writer.close()
+  lines = [json.loads(l) for l in (tmp_path / trainer.METRICS_FILE).read_text().splitlines()]
+  assert lines == [{"step": 2, "loss": 1.5}]
+  assert list(tmp_path.glob("events.out.tfevents.*"))
