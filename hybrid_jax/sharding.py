@@ -118,22 +118,27 @@ class BatchSizes:
   num_shards: int
 
 
-def batch_sizes(global_batch_size: int, mesh: Mesh, process_count: int | None = None) -> BatchSizes:
-  """Derives per-host and per-device sizes, with a clear error when they are not whole."""
+def batch_sizes(global_batch_size: int, mesh: Mesh | Mapping[str, int],
+                process_count: int | None = None) -> BatchSizes:
+  """Derives per-host and per-device sizes, with a clear error when they are not whole.
+
+  mesh: the Mesh, or its shape {axis name: size} (to check a config before devices exist)."""
   process_count = jax.process_count() if process_count is None else process_count
-  shards = num_batch_shards(mesh)
+  shape = dict(mesh.shape) if isinstance(mesh, Mesh) else dict(mesh)
+  axes = tuple(n for n in shape if n != TENSOR_AXIS)
+  shards = math.prod(shape[n] for n in axes)
   if global_batch_size <= 0:
     raise ShardingConfigError(f"train.batch_size must be positive, found {global_batch_size}")
   if global_batch_size % shards:
     lower = global_batch_size // shards * shards
     raise ShardingConfigError(
-        f"train.batch_size={global_batch_size} is not divisible by the {shards} batch shards of "
-        f"the mesh {dict(mesh.shape)} (axes {batch_axes(mesh)}); use a multiple of {shards}, "
-        f"e.g. {max(lower, shards)} or {lower + shards}.")
+        f"config.train.batch_size={global_batch_size} is not divisible by the {shards} devices "
+        f"the batch is split over (the batch shards of the mesh {shape}, axes {axes}); use a "
+        f"multiple of {shards}, e.g. {max(lower, shards)} or {lower + shards}.")
   if global_batch_size % process_count:
     raise ShardingConfigError(
-        f"train.batch_size={global_batch_size} is not divisible by the {process_count} processes "
-        f"(hosts); use a multiple of {process_count}.")
+        f"config.train.batch_size={global_batch_size} is not divisible by the {process_count} "
+        f"processes (hosts); use a multiple of {process_count}.")
   return BatchSizes(global_batch_size, global_batch_size // process_count,
                     global_batch_size // shards, process_count, shards)
 

@@ -5,11 +5,13 @@ r"""Trains a multilingual dual encoder with hybrid batches.
     python -m hybrid_jax.train --config=configs/me5_hybrid.py:runlocal,alpha=0.3 \
         --config.train.learning_rate=5e-4 --workdir=/tmp/run
 
-Re-running the same command resumes from the newest checkpoint in --workdir. Everything happens
-in hybrid_jax.trainer.train_and_evaluate; this file only parses flags.
+Re-running the same command resumes from the newest checkpoint in --workdir. Training happens
+in hybrid_jax.trainer.train_and_evaluate; this file parses flags and prints the final tables.
 """
 
 from __future__ import annotations
+
+import sys
 
 from absl import app
 from absl import flags
@@ -42,10 +44,24 @@ def start_process(argv) -> None:
     jax.distributed.initialize()
 
 
+def print_evaluation_tables(result: dict) -> None:
+  """The summary table of every evaluator's final results, on stdout (process 0)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from hybrid_jax.eval import report  # pylint: disable=g-import-not-at-top
+  if result["preempted"] or jax.process_index() != 0:
+    return
+  for name, results in result["evals"].items():
+    print(f"\n== {name}: retrieval evaluation at step {result['step']} ==")
+    print(report.summary_table(results))
+  sys.stdout.flush()
+
+
 def main(argv):
   start_process(argv)
   from hybrid_jax import trainer  # pylint: disable=g-import-not-at-top
-  errors.exit_on_user_error(lambda: trainer.train_and_evaluate(CONFIG.value, WORKDIR.value))
+  result = errors.exit_on_user_error(
+      lambda: trainer.train_and_evaluate(CONFIG.value, WORKDIR.value))
+  print_evaluation_tables(result)
 
 
 if __name__ == "__main__":

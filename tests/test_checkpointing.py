@@ -65,7 +65,9 @@ def test_keep_n_best_by_validation_and_restore(tmp_path):
       np.asarray(expected["encoder"]["embeddings"]["word_embeddings"]["embedding"]))
   assert loaded.tokenizer.vocab_size == 427
   assert checkpointing.load_params(workdir, "20").step == 20
-  assert checkpointing.load_params(workdir, "best").step == 30  # no best: falls back to last
+  with pytest.warns(checkpointing.NoBestCheckpointWarning, match="LAST checkpoint, step 30"):
+    loaded = checkpointing.load_params(workdir, "best")  # no best: the last, and it says so
+  assert (loaded.step, loaded.source) == (30, "last")
   with pytest.raises(checkpointing.CheckpointConfigError, match="expected 'best', 'last'"):
     checkpointing.load_params(workdir, "latest")
 

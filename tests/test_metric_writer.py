@@ -7,16 +7,16 @@ import json
 from clu import metric_writers
 import ml_collections
 
-from hybrid_jax import trainer
+from hybrid_jax import train_metrics
 
 
 def test_jsonl_writer_has_every_abstract_method_of_clu_metric_writer():
   abstract = sorted(metric_writers.MetricWriter.__abstractmethods__)
   assert len(abstract) >= 10, abstract  # the interface as clu 0.0.12 has it
-  missing = [name for name in abstract if not callable(getattr(trainer.JsonlWriter, name, None))]
+  missing = [name for name in abstract if not callable(getattr(train_metrics.JsonlWriter, name, None))]
   assert not missing, f"JsonlWriter lacks {missing}"
   for name in abstract:  # same parameters, so calls through MultiWriter bind the same way
-    ours = list(inspect.signature(getattr(trainer.JsonlWriter, name)).parameters)
+    ours = list(inspect.signature(getattr(train_metrics.JsonlWriter, name)).parameters)
     theirs = list(inspect.signature(getattr(metric_writers.MetricWriter, name)).parameters)
     assert ours == theirs, (name, ours, theirs)
 
@@ -25,8 +25,8 @@ def test_multi_writer_with_tensorboard_writes_hparams_texts_and_scalars(tmp_path
   config = ml_collections.ConfigDict({"train": {"learning_rate": 3e-5, "batch_size": 32},
                                       "mesh": (("data", -1),), "data": {"alpha": 0.5}})
   writer = metric_writers.MultiWriter([metric_writers.SummaryWriter(str(tmp_path)),
-                                       trainer.JsonlWriter(str(tmp_path))])
-  hparams = trainer.hparams_of(config)
+                                       train_metrics.JsonlWriter(str(tmp_path))])
+  hparams = train_metrics.hparams_of(config)
   assert hparams == {"train.learning_rate": 3e-5, "train.batch_size": 32,
                      "mesh": "(('data', -1),)", "data.alpha": 0.5}
   writer.write_hparams(hparams)
@@ -35,6 +35,6 @@ def test_multi_writer_with_tensorboard_writes_hparams_texts_and_scalars(tmp_path
   writer.write_scalars(2, {"loss": 1.5})
   writer.flush()
   writer.close()
-  lines = [json.loads(l) for l in (tmp_path / trainer.METRICS_FILE).read_text().splitlines()]
+  lines = [json.loads(l) for l in (tmp_path / train_metrics.METRICS_FILE).read_text().splitlines()]
   assert lines == [{"step": 2, "loss": 1.5}]
   assert list(tmp_path.glob("events.out.tfevents.*"))

@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 from hybrid_jax import losses
 from hybrid_jax import sharding
-from hybrid_jax import trainer
+from hybrid_jax import train_step
 from hybrid_jax.models import encoder as encoder_lib
 
 ENCODER = encoder_lib.EncoderConfig(
@@ -50,7 +50,7 @@ def test_batch_sizes_derived_and_checked():
   mesh = sharding.make_mesh([("data", 2), ("fsdp", 4)])
   sizes = sharding.batch_sizes(32, mesh, process_count=2)
   assert (sizes.per_host, sizes.per_device, sizes.num_shards) == (16, 4, 8)
-  with pytest.raises(sharding.ShardingConfigError, match="not divisible by the 8 batch shards"):
+  with pytest.raises(sharding.ShardingConfigError, match="not divisible by the 8 devices the batch is split over"):
     sharding.batch_sizes(12, mesh)
   with pytest.raises(sharding.ShardingConfigError, match="3 processes"):
     sharding.batch_sizes(16, mesh, process_count=3)
@@ -84,7 +84,7 @@ def test_host_to_global_assembles_rows_in_order():
 
 
 def _loss_and_grads(params, batch, cfg, mesh=None):
-  encode = trainer.make_encode_fn(ENCODER)
+  encode = train_step.make_encode_fn(ENCODER)
   fn = lambda p, b: losses.value_and_grad(encode, p, b, None, cfg)
   if mesh is None:  # the reference: everything on one device
     device = jax.devices()[0]

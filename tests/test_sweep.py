@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from hybrid_jax import sweep
+import train_helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,9 +23,7 @@ def test_parse_alphas_sorts_and_checks():
 
 
 def _hybrid_config():
-  sys.path.insert(0, os.path.join(REPO, "tests"))
-  import test_trainer  # pylint: disable=g-import-not-at-top
-  return test_trainer._config("hybrid")  # pylint: disable=protected-access
+  return train_helpers.runlocal_config("hybrid")
 
 
 def _fake_result(alpha, preempted=False):

@@ -1,7 +1,7 @@
 """End to end on 8 simulated devices: learning, batch-type direction, exact resume, SIGTERM, errors.
 
 All in-process runs share one model/loss/optimizer/mesh, so they share one compiled train step
-(trainer._step_functions); only the SIGKILLed run is a subprocess (a real process kill).
+(train_step.step_functions); only the SIGKILLed run is a subprocess (a real process kill).
 """
 
 import importlib.util
@@ -22,35 +22,10 @@ import safetensors.numpy
 from hybrid_jax import checkpointing
 from hybrid_jax import export
 from hybrid_jax import sharding
+from hybrid_jax import train_metrics
+from hybrid_jax import train_step  # noqa: F401  (named in the docstring)
 from hybrid_jax import trainer
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 150
-# A smaller encoder than the runlocal default, to keep the suite fast; the same for every run here.
-OVERRIDES = {
-    "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_hidden_layers": 1,
-    "train.num_steps": STEPS, "train.warmup_steps": 15, "train.log_every_steps": 50,
-    "train.eval_every_steps": 50, "train.checkpoint_every_steps": 50,
-}
-
-
-def _config(batch_type="hybrid", **extra):
-  path = os.path.join(REPO, "configs", f"xlmr_{batch_type}.py")
-  spec = importlib.util.spec_from_file_location(f"config_{batch_type}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("runlocal")
-  for dotted, value in {**OVERRIDES, **extra}.items():
-    section, field = dotted.split(".")
-    config[section][field] = value
-  return config
-
-
-def _cli_flags(workdir, batch_type="hybrid"):
-  return ([sys.executable, "-m", "hybrid_jax.train",
-           f"--config={os.path.join(REPO, 'configs', f'xlmr_{batch_type}.py')}:runlocal",
-           f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in OVERRIDES.items()])
-
+from train_helpers import REPO, STEPS, cli_flags, runlocal_config
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
@@ -58,7 +33,7 @@ def runs(tmp_path_factory):
   out = {}
   for batch_type in ("mono", "xy", "hybrid"):
     workdir = str(tmp_path_factory.mktemp(f"run_{batch_type}"))
-    out[batch_type] = (workdir, trainer.train_and_evaluate(_config(batch_type), workdir))
+    out[batch_type] = (workdir, trainer.train_and_evaluate(runlocal_config(batch_type), workdir))
   return out
 
 
@@ -68,7 +43,7 @@ def test_validation_loss_falls_and_files_are_written(runs):
   start, end = metrics["validation/loss_at_start"], metrics["validation/loss"]
   assert end < 0.5 * start, (start, end)
   assert not result["preempted"] and result["step"] == STEPS
-  lines = [json.loads(l) for l in open(os.path.join(workdir, trainer.METRICS_FILE))]
+  lines = [json.loads(l) for l in open(os.path.join(workdir, train_metrics.METRICS_FILE))]
   train_lines = [l for l in lines if "loss" in l]
   assert [l["step"] for l in train_lines] == [50, 100, 150]
   for key in ("loss/mono", "loss/xy", "learning_rate", "grad_norm", "param_norm",
@@ -125,7 +100,7 @@ def test_sigkill_then_sigterm_then_resume_is_exact(runs, tmp_path):
   reference_dir, _ = runs["hybrid"]
   workdir = str(tmp_path / "interrupted")
   # 1. A separate process, killed with SIGKILL once the step-50 checkpoint is complete.
-  process = subprocess.Popen(_cli_flags(workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+  process = subprocess.Popen(cli_flags(workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, cwd=REPO)
   try:
     _wait_for_checkpoint(workdir, 50, process=process)
@@ -142,14 +117,14 @@ def test_sigkill_then_sigterm_then_resume_is_exact(runs, tmp_path):
 
   sender = threading.Thread(target=send_sigterm, daemon=True)
   sender.start()
-  stopped = trainer.train_and_evaluate(_config("hybrid"), workdir)
+  stopped = trainer.train_and_evaluate(runlocal_config("hybrid"), workdir)
   sender.join(timeout=60)
   assert stopped["preempted"], "SIGTERM did not stop the run"
   assert killed_at < stopped["step"] < STEPS
   assert checkpointing.latest_step(workdir) == stopped["step"]  # saved where it stopped
 
   # 3. Resume to the end: the parameters equal the uninterrupted run's.
-  finished = trainer.train_and_evaluate(_config("hybrid"), workdir)
+  finished = trainer.train_and_evaluate(runlocal_config("hybrid"), workdir)
   assert finished["step"] == STEPS and not finished["preempted"]
   reference = _export_kernels(reference_dir, str(tmp_path / "export_reference"))
   resumed = _export_kernels(workdir, str(tmp_path / "export_resumed"))
@@ -162,7 +137,7 @@ def test_sigkill_then_sigterm_then_resume_is_exact(runs, tmp_path):
   assert float(np.abs(start["encoder"]["layer_0"]["output"]["dense"]["kernel"]
                       - reference["encoder.layer.0.output.dense.weight"].T).max()) > 1e-3
   # The metrics file of the interrupted run ends with the same steps as the reference's.
-  steps = [json.loads(l)["step"] for l in open(os.path.join(workdir, trainer.METRICS_FILE))
+  steps = [json.loads(l)["step"] for l in open(os.path.join(workdir, train_metrics.METRICS_FILE))
            if "loss" in json.loads(l)]
   assert steps[-1] == STEPS and steps == sorted(steps)
 
@@ -175,10 +150,10 @@ process_id, port, workdir, tests_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3
 jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
                            process_id=process_id)
 sys.path.insert(0, tests_dir)
-import test_trainer
+import train_helpers
 from hybrid_jax import trainer
 result = trainer.train_and_evaluate(
-    test_trainer._config("hybrid", **{"train.shared_filesystem": True}), workdir)
+    train_helpers.runlocalrunlocal_config("hybrid", **{"train.shared_filesystem": True}), workdir)
 summary = result["evals"].get("synthetic", {}).get("summary")
 print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(),
                   "step": result["step"], "preempted": result["preempted"], "map": summary}))
@@ -280,7 +255,7 @@ def test_export_loads_in_pytorch_with_the_same_embeddings(runs, tmp_path):
 ])
 def test_bad_configs_fail_before_anything_runs(tmp_path, changes, error, message):
   workdir = str(tmp_path / "run")
-  config = _config("hybrid")
+  config = runlocal_config("hybrid")
   for dotted, value in changes.items():
     section, field = dotted.split(".")
     config[section][field] = value
@@ -291,11 +266,11 @@ def test_bad_configs_fail_before_anything_runs(tmp_path, changes, error, message
 
 def test_local_workdir_with_several_processes_is_rejected():
   with pytest.raises(checkpointing.CheckpointConfigError, match="gs://"):
-    trainer.validate_config(_config("hybrid"), "/tmp/run", process_count=2)
-  trainer.validate_config(_config("hybrid"), "gs://bucket/run", process_count=2)  # fine
-  config = _config("hybrid")
+    trainer.validaterunlocal_config(runlocal_config("hybrid"), "/tmp/run", process_count=2)
+  trainer.validaterunlocal_config(runlocal_config("hybrid"), "gs://bucket/run", process_count=2)  # fine
+  config = runlocal_config("hybrid")
   config.train.shared_filesystem = True
-  trainer.validate_config(config, "/nfs/run", process_count=2)
+  trainer.validaterunlocal_config(config, "/nfs/run", process_count=2)
 
 
 def test_me5_config_without_converted_model_says_how_to_get_it(tmp_path, monkeypatch):
@@ -304,10 +279,10 @@ def test_me5_config_without_converted_model_says_how_to_get_it(tmp_path, monkeyp
                                                                     "me5_hybrid.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config("batch_size=96")  # the paper's 100 does not split over 8 devices
+  config = module.getrunlocal_config("batch_size=96")  # the paper's 100 does not split over 8 devices
   assert config.model.init_from == str(tmp_path / "models" / "multilingual-e5-small")
   with pytest.raises(checkpointing.CheckpointConfigError, match="hybrid_jax.models.e5_convert"):
-    trainer.validate_config(config, str(tmp_path / "run"))
+    trainer.validaterunlocal_config(config, str(tmp_path / "run"))
 
 
 def test_init_from_a_hugging_face_directory(runs, tmp_path):
@@ -317,7 +292,7 @@ def test_init_from_a_hugging_face_directory(runs, tmp_path):
   hf_dir = str(tmp_path / "hf")
   export.export(reference_dir, hf_dir, "last")
   workdir = str(tmp_path / "finetune")
-  metrics_path = os.path.join(workdir, trainer.METRICS_FILE)
+  metrics_path = os.path.join(workdir, train_metrics.METRICS_FILE)
 
   def send_sigterm_after_step0_validation():
     deadline = time.time() + 300
@@ -329,7 +304,7 @@ def test_init_from_a_hugging_face_directory(runs, tmp_path):
 
   sender = threading.Thread(target=send_sigterm_after_step0_validation, daemon=True)
   sender.start()
-  result = trainer.train_and_evaluate(_config("hybrid", **{"model.init_from": hf_dir}), workdir)
+  result = trainer.train_and_evaluate(runlocal_config("hybrid", **{"model.init_from": hf_dir}), workdir)
   sender.join(timeout=60)
   # The signal lands within the first steps (the thread races the loop); the run stops there.
   assert result["preempted"] and 1 <= result["step"] < 10
@@ -353,7 +328,7 @@ def test_evaluate_cli_scores_a_runlocal_workdir_like_the_trainer(runs, tmp_path)
 
 def test_nan_loss_stops_with_the_steps_and_the_plan_command(tmp_path):
   # An infinite learning rate turns the parameters into NaN/inf after the first update.
-  config = _config("hybrid", **{"train.learning_rate": float("inf"), "train.num_steps": 20,
+  config = runlocal_config("hybrid", **{"train.learning_rate": float("inf"), "train.num_steps": 20,
                                 "train.warmup_steps": 2, "train.log_every_steps": 10,
                                 "train.eval_every_steps": 0, "train.checkpoint_every_steps": 10})
   config.evals = {}
@@ -380,7 +355,7 @@ def test_real_data_run_trains_on_mlqa_r_and_evaluates_on_xquad_r(tmp_path):
   spec = importlib.util.spec_from_file_location("config_real", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
+  config = module.getrunlocal_config()
   assert (config.data.source, config.data.path, sorted(config.evals)) == (
       "lareqa", "mlqa-r", ["xquad_r"])
   config.model.update(tokenizer=str(tokenizer_dir), hidden_size=32, intermediate_size=64,

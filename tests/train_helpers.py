@@ -1,0 +1,35 @@
+"""Shared by the trainer and sweep tests: the small :runlocal config they all train, and its CLI."""
+
+import importlib.util
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 150
+# A smaller encoder than the runlocal default, to keep the suite fast; the same for every run, so
+# that in-process runs share one compiled train step (train_step.step_functions is cached).
+OVERRIDES = {
+    "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_hidden_layers": 1,
+    "train.num_steps": STEPS, "train.warmup_steps": 15, "train.log_every_steps": 50,
+    "train.eval_every_steps": 50, "train.checkpoint_every_steps": 50,
+}
+
+
+def runlocal_config(batch_type="hybrid", **extra):
+  """configs/xlmr_<batch_type>.py:runlocal with OVERRIDES and `extra` ("section.field": value)."""
+  path = os.path.join(REPO, "configs", f"xlmr_{batch_type}.py")
+  spec = importlib.util.spec_from_file_location(f"config_{batch_type}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("runlocal")
+  for dotted, value in {**OVERRIDES, **extra}.items():
+    section, field = dotted.split(".")
+    config[section][field] = value
+  return config
+
+
+def cli_flags(workdir, batch_type="hybrid"):
+  """The `python -m hybrid_jax.train` command line of runlocal_config(batch_type)."""
+  return ([sys.executable, "-m", "hybrid_jax.train",
+           f"--config={os.path.join(REPO, 'configs', f'xlmr_{batch_type}.py')}:runlocal",
+           f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in OVERRIDES.items()])
