@@ -1,0 +1,1 @@
+"""hybrid_jax: multilingual dense retrieval with hybrid batch training, in JAX/Flax."""

@@ -39,6 +39,7 @@ import numpy as np
 from hybrid_jax import checkpointing
 from hybrid_jax import errors
 from hybrid_jax import losses
+from hybrid_jax import native_log
 from hybrid_jax import sharding
 from hybrid_jax import train_metrics
 from hybrid_jax import train_step as train_step_lib
@@ -353,7 +354,8 @@ def _diverged(first_step: int, step: int, last_saved) -> TrainingDivergedError:
 
 
 def _metric_writer(config, workdir: str, start_step: int):
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+  with native_log.quiet_native_banners():
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
   writer = metric_writers.MultiWriter(
       [metric_writers.SummaryWriter(workdir),
        train_metrics.JsonlWriter(workdir, resume_step=start_step)]
