@@ -385,6 +385,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   features = loss_cfg.required_features()
 
   def to_global(host_batch):
+    loss_cfg.check_batch(host_batch)  # a clear error, not a KeyError, if a feature is missing
     return sharding.host_to_global({k: host_batch[k] for k in features}, mesh, train.batch_size)
 
   # --- step functions and state -------------------------------------------------------------------
