@@ -4,7 +4,8 @@
 (model, loss, optimizer, seed, mesh), everything the trainer and the benchmarks run:
 
 - parameters created through `jax.eval_shape` -> shardings from the logical axis names ->
-  `jax.jit(init, out_shardings=...)`, so they are born sharded (FSDP never materialises a full copy);
+  `jax.jit(init, out_shardings=...)`, so they are born sharded (FSDP never materialises a full
+  copy);
 - optimizer-state shardings that mirror the parameter each leaf belongs to;
 - the train step, `jax.jit(..., donate_argnums=0)`, whose dropout key is `fold_in(key(seed), step)`
   (RBG bits): with batch t a pure function of (data.seed, t), a resumed run is the same run;
@@ -79,13 +80,14 @@ def make_optimizer(train: OptimizerSettings) -> tuple[optax.GradientTransformati
       [warmup])
   adamw = optax.adamw(schedule, b1=train.adam_b1, b2=train.adam_b2, eps=train.adam_eps,
                       weight_decay=train.weight_decay,
-                      mask=lambda params: jax.tree_util.tree_map_with_path(weight_decay_mask, params))
+                      mask=lambda params: jax.tree_util.tree_map_with_path(weight_decay_mask,
+                                                                           params))
   parts = [optax.clip_by_global_norm(train.grad_clip_norm)] if train.grad_clip_norm > 0 else []
   return optax.chain(*parts, adamw), schedule
 
 
 def opt_state_shardings(abstract_opt_state, abstract_params, param_shardings, replicated):
-  """Optimizer-state leaves get the sharding of the parameter they mirror (by key path and shape)."""
+  """Optimizer-state leaves get the sharding of the parameter they mirror (by key path, shape)."""
   by_path = {}
   for (path, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
                               jax.tree.leaves(param_shardings)):

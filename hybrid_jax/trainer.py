@@ -64,7 +64,8 @@ def resolve_dtype(name: str) -> str:
 
 
 def loss_config(config) -> losses.LossConfig:
-  return losses.LossConfig.from_train_config(config.train, hard_negatives=config.data.hard_negatives)
+  return losses.LossConfig.from_train_config(config.train,
+                                             hard_negatives=config.data.hard_negatives)
 
 
 def validate_config(config, workdir: str, *, num_devices: int | None = None,
@@ -104,7 +105,8 @@ def validate_config(config, workdir: str, *, num_devices: int | None = None,
   if loss_cfg.chunk_size and train.batch_size % loss_cfg.chunk_size:
     raise TrainConfigError(
         f"config.train.gradcache_chunk_size={loss_cfg.chunk_size} does not divide "
-        f"train.batch_size={train.batch_size}; choose a divisor (ideally a multiple of the {shards} "
+        f"train.batch_size={train.batch_size}; choose a divisor (ideally a multiple of the "
+        f"{shards} "
         "batch shards) or 0 for the plain loss.")
   checkpointing.check_init_from(config.model.get("init_from", ""),
                                 config.model.get("backbone", ""))
@@ -364,6 +366,70 @@ def _metric_writer(config, workdir: str, start_step: int):
   return writer
 
 
+# --- pieces of the loop ---------------------------------------------------------------------------
+def _setup_line(mesh, sizes: sharding.BatchSizes, encoder_config, loss_cfg) -> str:
+  return (f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices "
+          f"({jax.process_count()} processes); batch {sizes.global_size} global, "
+          f"{sizes.per_host} per host, {sizes.per_device} per device; compute "
+          f"{encoder_config.dtype}; " + (f"GradCache chunks of {loss_cfg.chunk_size}"
+                                         if loss_cfg.chunk_size else "plain loss"))
+
+
+def compile_train_step(train_step, state, batch, train, start_step: int):
+  """The compiled step for these shapes, and the throughput reporter fed with XLA's FLOPs per
+  call (per device)."""
+  started = time.time()
+  compiled = train_step.lower(state, batch).compile()
+  flops = train_step_lib.compiled_flops(compiled)
+  _log(f"compiled the train step in {time.time() - started:.1f}s"
+       + (f"; {flops / 1e9:.2f} GFLOP per step per device (XLA cost analysis)" if flops else ""))
+  return compiled, train_metrics.ThroughputReporter(start_step, train.num_steps,
+                                                    train.batch_size, flops)
+
+
+def _log_interval(history: list[dict], step: int, throughput, writer, checkpointer) -> dict:
+  """Means over the interval, throughput, to the writers and the console; raises on NaN/inf."""
+  summary = train_metrics.reduce_metrics(history)
+  if not summary.pop("finite"):
+    writer.flush()
+    raise _diverged(step - len(history) + 1, step, checkpointer.latest_step())
+  line = throughput.report(step, summary)
+  writer.write_scalars(step, summary)
+  _log(line)
+  return summary
+
+
+def _validate_and_keep_best(validation: ValidationLoss, checkpointer, state, step: int) -> dict:
+  result = validation(state.params, step)
+  if not result:
+    return {}
+  if step == 0:
+    result["validation/loss_at_start"] = result["validation/loss"]
+    improved = False  # the starting point is not kept as a best checkpoint
+  else:
+    improved = checkpointer.save_best(step, state.params, result["validation/loss"])
+  _log(f"validation loss at step {step}: {result['validation/loss']:.4f}"
+       + (" (best so far: saved)" if improved else ""))
+  return result
+
+
+def _global_batch_fn(loss_cfg: losses.LossConfig, mesh, global_batch_size: int):
+  """host batch -> the global batch of the features the loss reads, laid out on the mesh."""
+  features = loss_cfg.required_features()
+
+  def to_global(host_batch):
+    loss_cfg.check_batch(host_batch)  # a clear error, not a KeyError, if a feature is missing
+    return sharding.host_to_global({k: host_batch[k] for k in features}, mesh, global_batch_size)
+  return to_global
+
+
+def _close(checkpointer, writer) -> None:
+  checkpointer.wait()  # the last asynchronous save must finish before the process may exit
+  checkpointer.close()
+  writer.flush()
+  writer.close()
+
+
 # --- the run --------------------------------------------------------------------------------------
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains (or resumes) the run in `workdir`; returns final metrics and evaluation results."""
@@ -374,31 +440,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # --- mesh, weights, data ------------------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh)
-  sizes = sharding.batch_sizes(train.batch_size, mesh)
   prepared = prepare_model(config, workdir)
   data, encoder_config = prepared.data, prepared.encoder_config
   _log(data.summary(train.batch_size))
-  _log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices "
-       f"({jax.process_count()} processes); batch {sizes.global_size} global, {sizes.per_host} per "
-       f"host, {sizes.per_device} per device; compute {encoder_config.dtype}; "
-       f"{'GradCache chunks of %d' % loss_cfg.chunk_size if loss_cfg.chunk_size else 'plain loss'}")
-  features = loss_cfg.required_features()
+  _log(_setup_line(mesh, sharding.batch_sizes(train.batch_size, mesh), encoder_config, loss_cfg))
+  to_global = _global_batch_fn(loss_cfg, mesh, train.batch_size)
 
-  def to_global(host_batch):
-    loss_cfg.check_batch(host_batch)  # a clear error, not a KeyError, if a feature is missing
-    return sharding.host_to_global({k: host_batch[k] for k in features}, mesh, train.batch_size)
-
-  # --- step functions and state -------------------------------------------------------------------
+  # --- step functions, state, writers, validation, evaluators -------------------------------------
   fns = train_step_lib.step_functions(
       encoder_config, loss_cfg, train_step_lib.OptimizerSettings.from_train_config(train),
       int(config.seed), mesh)
   checkpointer = checkpointing.Checkpointer(workdir, train.checkpoint_every_steps,
                                             train.keep_checkpoints)
   state = create_or_restore_state(prepared, fns, checkpointer, loss_cfg, mesh)
-  start_step = prepared.init.step if prepared.init.kind == "resume" else 0
+  step = start_step = prepared.init.step if prepared.init.kind == "resume" else 0
   _log(f"{prepared.init.describe()}; training steps {start_step} -> {train.num_steps}")
-
-  # --- metrics, validation, evaluators ------------------------------------------------------------
   writer = _metric_writer(config, workdir, start_step)
   evaluation = _Evaluation(config, workdir, encoder_config, prepared.tokenizer)
   validation = ValidationLoss(fns.eval_step, [to_global(b) for b in data.validation_batches(
@@ -407,62 +463,42 @@ def train_and_evaluate(config, workdir: str) -> dict:
   last = {"validation/loss": None,
           **(train_metrics.logged_validation(workdir) if start_step else {})}
 
+  def host_params():  # the current encoder parameters, as float32 NumPy, for the evaluators
+    return _host_params(state.params["encoder"], mesh)
+
   # --- compile ------------------------------------------------------------------------------------
-  step = start_step
   if step < train.num_steps:
-    batches = data.train_batches(train.batch_size, start_step=start_step,
-                                 process_index=jax.process_index(),
-                                 process_count=jax.process_count())
-    batch = to_global(next(batches))
-    compile_started = time.time()
-    compiled_step = fns.train_step.lower(state, batch).compile()
-    flops_per_step = train_step_lib.compiled_flops(compiled_step)
-    _log(f"compiled the train step in {time.time() - compile_started:.1f}s"
-         + (f"; {flops_per_step / 1e9:.2f} GFLOP per step per device (XLA cost analysis)"
-            if flops_per_step else ""))
-    throughput = train_metrics.ThroughputReporter(start_step, train.num_steps, train.batch_size,
-                                                  flops_per_step)
+    batches = (to_global(b) for b in data.train_batches(
+        train.batch_size, start_step=start_step, process_index=jax.process_index(),
+        process_count=jax.process_count()))
+    batch = next(batches)
+    compiled_step, throughput = compile_train_step(fns.train_step, state, batch, train, start_step)
 
   # --- loop (SIGTERM: after the current step, save and return) -----------------------------------
   preempted = False
   with checkpointing.PreemptionGuard(checkpointer) as guard:
     if step == 0:
-      first = validation(state.params, 0)
-      if first:
-        last.update(first, **{"validation/loss_at_start": first["validation/loss"]})
-        _log(f"validation loss at step 0: {first['validation/loss']:.4f}")
+      last.update(_validate_and_keep_best(validation, checkpointer, state, 0))
       if due := evaluation.due(0, train.num_steps, start_step):
-        evaluation.run(due, 0, _host_params(state.params["encoder"], mesh), writer)
+        evaluation.run(due, 0, host_params(), writer)
     history = []
     while step < train.num_steps:
       state, metrics = compiled_step(state, batch)
       history.append(metrics)
       step += 1
       if step < train.num_steps:
-        batch = to_global(next(batches))  # prepared while the device runs the step
-
+        batch = next(batches)  # prepared while the device runs the step
       if step % train.log_every_steps == 0 or step == train.num_steps:
-        summary = train_metrics.reduce_metrics(history)
-        if not summary.pop("finite"):
-          writer.flush()
-          raise _diverged(step - len(history) + 1, step, checkpointer.latest_step())
+        last.update(_log_interval(history, step, throughput, writer, checkpointer))
         history = []
-        line = throughput.report(step, summary)
-        writer.write_scalars(step, summary)
-        _log(line)
-        last.update(summary)
 
       busy_started = time.time()
       if (train.eval_every_steps and step % train.eval_every_steps == 0) or (
           step == train.num_steps):
-        if result := validation(state.params, step):
-          last.update(result)
-          improved = checkpointer.save_best(step, state.params, result["validation/loss"])
-          _log(f"validation loss at step {step}: {result['validation/loss']:.4f}"
-               + (" (best so far: saved)" if improved else ""))
+        last.update(_validate_and_keep_best(validation, checkpointer, state, step))
       checkpointer.save(step, state.params, state.opt_state, force=(step == train.num_steps))
       if due := evaluation.due(step, train.num_steps, start_step):
-        evaluation.run(due, step, _host_params(state.params["encoder"], mesh), writer)
+        evaluation.run(due, step, host_params(), writer)
       throughput.exclude(time.time() - busy_started)
 
       if step < train.num_steps and guard.should_stop(step):
@@ -473,14 +509,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # --- end ----------------------------------------------------------------------------------------
   if start_step >= train.num_steps and evaluation.evaluators:
-    _log(f"{workdir} is already trained to step {start_step} (train.num_steps="
-         f"{train.num_steps}); running the evaluators on it")
-    evaluation.run(list(evaluation.evaluators), start_step,
-                   _host_params(state.params["encoder"], mesh), writer)
-  checkpointer.wait()
-  checkpointer.close()
-  writer.flush()
-  writer.close()
+    _log(f"{workdir} is already trained to step {start_step}; running the evaluators on it")
+    evaluation.run(list(evaluation.evaluators), start_step, host_params(), writer)
+  _close(checkpointer, writer)
   wall = time.time() - started
   if not preempted:
     _log(f"done at step {step} (wall time {train_metrics.format_seconds(wall)}); checkpoints in "

@@ -153,7 +153,7 @@ sys.path.insert(0, tests_dir)
 import train_helpers
 from hybrid_jax import trainer
 result = trainer.train_and_evaluate(
-    train_helpers.runlocalrunlocal_config("hybrid", **{"train.shared_filesystem": True}), workdir)
+    train_helpers.runlocal_config("hybrid", **{"train.shared_filesystem": True}), workdir)
 summary = result["evals"].get("synthetic", {}).get("summary")
 print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(),
                   "step": result["step"], "preempted": result["preempted"], "map": summary}))
@@ -266,11 +266,11 @@ def test_bad_configs_fail_before_anything_runs(tmp_path, changes, error, message
 
 def test_local_workdir_with_several_processes_is_rejected():
   with pytest.raises(checkpointing.CheckpointConfigError, match="gs://"):
-    trainer.validaterunlocal_config(runlocal_config("hybrid"), "/tmp/run", process_count=2)
-  trainer.validaterunlocal_config(runlocal_config("hybrid"), "gs://bucket/run", process_count=2)  # fine
+    trainer.validate_config(runlocal_config("hybrid"), "/tmp/run", process_count=2)
+  trainer.validate_config(runlocal_config("hybrid"), "gs://bucket/run", process_count=2)  # fine
   config = runlocal_config("hybrid")
   config.train.shared_filesystem = True
-  trainer.validaterunlocal_config(config, "/nfs/run", process_count=2)
+  trainer.validate_config(config, "/nfs/run", process_count=2)
 
 
 def test_me5_config_without_converted_model_says_how_to_get_it(tmp_path, monkeypatch):
@@ -279,10 +279,10 @@ def test_me5_config_without_converted_model_says_how_to_get_it(tmp_path, monkeyp
                                                                     "me5_hybrid.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.getrunlocal_config("batch_size=96")  # the paper's 100 does not split over 8 devices
+  config = module.get_config("batch_size=96")  # the paper's 100 does not split over 8 devices
   assert config.model.init_from == str(tmp_path / "models" / "multilingual-e5-small")
   with pytest.raises(checkpointing.CheckpointConfigError, match="hybrid_jax.models.e5_convert"):
-    trainer.validaterunlocal_config(config, str(tmp_path / "run"))
+    trainer.validate_config(config, str(tmp_path / "run"))
 
 
 def test_init_from_a_hugging_face_directory(runs, tmp_path):
@@ -355,7 +355,7 @@ def test_real_data_run_trains_on_mlqa_r_and_evaluates_on_xquad_r(tmp_path):
   spec = importlib.util.spec_from_file_location("config_real", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.getrunlocal_config()
+  config = module.get_config()
   assert (config.data.source, config.data.path, sorted(config.evals)) == (
       "lareqa", "mlqa-r", ["xquad_r"])
   config.model.update(tokenizer=str(tokenizer_dir), hidden_size=32, intermediate_size=64,
