@@ -11,11 +11,11 @@ over queries (hybrid_jax/eval/significance.py), plus Holm-adjusted p-values over
 from __future__ import annotations
 
 import json
-import sys
 
 from absl import app
 from absl import flags
 
+from hybrid_jax import errors
 from hybrid_jax.eval import significance
 
 _METRIC = flags.DEFINE_enum(
@@ -31,11 +31,8 @@ def main(argv):
   if len(argv) != 3:
     raise app.UsageError("usage: python -m hybrid_jax.compare RUN_A RUN_B [--metric=map]")
   dir_a, dir_b = argv[1], argv[2]
-  try:
-    rows = significance.compare(dir_a, dir_b, _METRIC.value, _PERMUTATIONS.value, _SEED.value)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  rows = errors.exit_on_user_error(lambda: significance.compare(
+      dir_a, dir_b, _METRIC.value, _PERMUTATIONS.value, _SEED.value))
   if _SUMMARY_ONLY.value:
     rows = [r for r in rows if r.kind == "summary"]
   print(significance.format_rows(rows, _METRIC.value, dir_a, dir_b))

@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from hybrid_jax import errors
 from hybrid_jax.eval import collection as collection_lib
 from hybrid_jax.eval import grid as grid_lib
 from hybrid_jax.eval import metrics as metrics_lib
@@ -32,6 +33,10 @@ RANK_DISTANCE_PNG = "rank_distance.png"
 
 _LABELS = {"map": "mAP", "recall@1": "R@1", "recall@10": "R@10", "recall@100": "R@100",
            "ndcg@10": "nDCG@10", "mrr": "MRR", "rank_distance": "rank dist."}
+
+
+class ResultsNotFoundError(errors.UserError, FileNotFoundError):
+  """An evaluation output directory lacks results.json or per_query.npz (a path the user gave)."""
 
 
 def _json_safe(value):
@@ -67,7 +72,7 @@ def write_results_json(out_dir: str, results: dict, extra: dict | None = None) -
 def read_results_json(out_dir: str) -> dict:
   path = os.path.join(out_dir, RESULTS_JSON)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} does not exist: is {out_dir!r} an evaluation output "
+    raise ResultsNotFoundError(f"{path} does not exist: is {out_dir!r} an evaluation output "
                             "directory (written by python -m hybrid_jax.evaluate)?")
   with open(path, encoding="utf-8") as f:
     return json.load(f)
@@ -210,7 +215,7 @@ def write_per_query(out_dir: str, collection: collection_lib.Collection,
 def read_per_query(out_dir: str) -> dict:
   path = os.path.join(out_dir, PER_QUERY)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} does not exist: per-query metrics are written by "
+    raise ResultsNotFoundError(f"{path} does not exist: per-query metrics are written by "
                             "python -m hybrid_jax.evaluate next to results.json.")
   with np.load(path, allow_pickle=False) as data:
     out = {k: data[k] for k in data.files}
