@@ -69,12 +69,18 @@ def write_results_json(out_dir: str, results: dict, extra: dict | None = None) -
   return path
 
 
-def read_results_json(out_dir: str) -> dict:
-  path = os.path.join(out_dir, RESULTS_JSON)
+def _existing_output(out_dir: str, name: str) -> str:
+  """The path of `name` in an evaluation output directory; a ResultsNotFoundError if absent."""
+  path = os.path.join(out_dir, name)
   if not os.path.isfile(path):
-    raise ResultsNotFoundError(f"{path} does not exist: is {out_dir!r} an evaluation output "
-                            "directory (written by python -m hybrid_jax.evaluate)?")
-  with open(path, encoding="utf-8") as f:
+    raise ResultsNotFoundError(
+        f"{path} does not exist: is {out_dir!r} an evaluation output directory? "
+        f"{RESULTS_JSON} and {PER_QUERY} are written there by python -m hybrid_jax.evaluate.")
+  return path
+
+
+def read_results_json(out_dir: str) -> dict:
+  with open(_existing_output(out_dir, RESULTS_JSON), encoding="utf-8") as f:
     return json.load(f)
 
 
@@ -213,11 +219,7 @@ def write_per_query(out_dir: str, collection: collection_lib.Collection,
 
 
 def read_per_query(out_dir: str) -> dict:
-  path = os.path.join(out_dir, PER_QUERY)
-  if not os.path.isfile(path):
-    raise ResultsNotFoundError(f"{path} does not exist: per-query metrics are written by "
-                            "python -m hybrid_jax.evaluate next to results.json.")
-  with np.load(path, allow_pickle=False) as data:
+  with np.load(_existing_output(out_dir, PER_QUERY), allow_pickle=False) as data:
     out = {k: data[k] for k in data.files}
   out["metrics"] = {k.split("/", 1)[1]: out.pop(k) for k in list(out) if k.startswith("metric/")}
   out["metrics"]["rank_distance"] = out["rank_distance"]
