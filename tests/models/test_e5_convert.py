@@ -171,8 +171,8 @@ def test_our_encoder_matches_transformers(converted, torch_model):
 
   texts = ["query: " + t for pair in TRANSLATION_PAIRS for t in pair]
   embedder = inference.TextEmbedder.from_pretrained(converted, batch_size=16, max_length=64)
-  # Same token ids on both sides (transformers 5 rebuilds the XLM-R tokenizer and differs from
-  # tokenizer.json only on trailing whitespace, which these texts do not have).
+  # Same token ids on both sides: our Tokenizer rebuilds the XLM-R pipeline as transformers 5 does
+  # (tests/data/test_tokenization.py covers whitespace, NBSP, combining characters, ...).
   tokenizer, _ = torch_model
   assert [list(x) for x in embedder.tokenizer.token_ids(texts, 64)] == tokenizer(texts).input_ids
   ours = embedder.embed(texts)
