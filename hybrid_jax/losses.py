@@ -64,8 +64,9 @@ import jax.numpy as jnp
 
 from hybrid_jax import errors
 
-# Row batch types (hybrid_jax.data.sampler.ROW_TYPE_IDS): per-type loss sums are indexed by these.
-BATCH_TYPE_NAMES = ("mono", "xy", "mixed")
+# Row batch types: per-type loss sums are indexed by the batch_type ids the sampler writes, so the
+# names come from their one owner (a leaf module: no data pipeline is imported here).
+from hybrid_jax.data.row_types import ROW_TYPE_NAMES as BATCH_TYPE_NAMES
 MAX_SCALE = 100.0  # learnable temperature: the scale is clipped here (CLIP's choice)
 
 # (params["encoder"], input_ids [N, L], attention_mask [N, L], dropout key or None) -> [N, D]

@@ -27,8 +27,9 @@ from typing import Sequence
 from absl import app
 from absl import flags
 
+from hybrid_jax import errors
+from hybrid_jax.data import lareqa
 from hybrid_jax.data import records
-from hybrid_jax.data import sources
 
 _FROM = flags.DEFINE_enum("from", None, ["lareqa", "mmarco"], "Input format.")
 _OUTPUT = flags.DEFINE_string("output", None, "Output JSONL file.")
@@ -109,11 +110,12 @@ def main(argv):
     if _FROM.value == "lareqa":
       if not _INPUT.value:
         raise app.UsageError("--from=lareqa needs --input=DIR (one <lang>.json per language)")
-      examples = sources.lareqa_examples(_INPUT.value, _LANGUAGES.value or None, _WITH_CONTEXT.value)
+      examples = lareqa.training_examples(_INPUT.value, _LANGUAGES.value or None,
+                                            _WITH_CONTEXT.value)
     else:
       examples = mmarco_examples(_LANGUAGES.value, _QUERIES.value, _COLLECTION.value,
                                  _TRIPLES.value, _MAX_IDS.value)
-  except (records.DataError, ValueError) as e:
+  except errors.UserError as e:  # data and LAReQA-format errors: one line, no traceback
     sys.exit(f"error: {e}")
   count = records.write_jsonl(_OUTPUT.value, examples)
   per_language = records.ParallelCorpus.from_examples(examples).examples_per_language()

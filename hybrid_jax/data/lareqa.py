@@ -8,7 +8,14 @@ language file is the translation of the question (LAReQA, Roy et al. 2020, sec. 
 Identifiers follow LAReQA: question uid `{id}_{lang}`; candidate uid `{lang}_{n}_{k}` with n the
 1-based paragraph counter within the language file and k the 0-based sentence index.
 
-This module only parses; training (data/) and evaluation (eval/) build their own views on top.
+Besides parsing, this module owns the two views that training and evaluation must agree on: the
+text of a candidate (`candidate_text`, used by the training pairs and by eval/collection.py) and
+the training pairs themselves (`training_examples`, used by data/sources.py, the converter and the
+TFDS builders). Training pairs: for every question, query = the question and positive = its gold
+sentence's candidate text. The hard negative is a neighbouring sentence of the same paragraph (the
+next one, else the previous one; a one-sentence paragraph uses the first sentence of the next
+paragraph). An id is paired only in the languages whose file holds it: MLQA-R ids exist in 2 to 4
+of its 7 languages.
 """
 
 from __future__ import annotations
@@ -16,9 +23,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from hybrid_jax import errors
+from hybrid_jax.data import records
 
 DATA_ENV_VAR = "HYBRID_JAX_DATA"
 
@@ -132,3 +140,52 @@ def read_languages(data_dir: str, langs: Iterable[str] | None = None) -> dict[st
   """Reads several languages (all files in the directory by default), keyed by language."""
   langs = list(langs) if langs else available_languages(data_dir)
   return {lang: read_language(data_dir, lang) for lang in langs}
+
+
+def candidate_text(candidate: Candidate, with_context: bool) -> str:
+  """A LAReQA candidate as one text: the sentence, or the sentence followed by its paragraph.
+
+  LAReQA's encoders take (sentence, context) as two inputs; a single-input encoder sees both,
+  sentence first so that truncation cuts the context, not the answer. Training passages and
+  evaluation candidates both come from here, so a model is evaluated on the text it trained on.
+  """
+  return f"{candidate.sentence} {candidate.context}" if with_context else candidate.sentence
+
+
+def training_examples(data_dir: str, languages: Sequence[str] | None = None,
+                      with_context: bool = False) -> list[records.ParallelExample]:
+  """One parallel example per question id over the files of `languages` (default: all).
+
+  Ids are ordered by first appearance, scanning the languages in order.
+  """
+  parsed = read_languages(data_dir, languages or None)
+  by_id: dict[str, dict[str, records.LanguageTexts]] = {}
+  for lang, data in parsed.items():
+    position = {c.uid: i for i, c in enumerate(data.candidates)}
+    seen: set[str] = set()
+    for question in data.questions:
+      if question.id in seen:
+        raise records.DataError(f"{data.path}: question id {question.id!r} occurs twice; LAReQA "
+                                "files hold each id once per language")
+      seen.add(question.id)
+      i = position[question.gold_uid]
+      gold = data.candidates[i]
+      negative = _neighbour(data.candidates, i)
+      by_id.setdefault(question.id, {})[lang] = records.LanguageTexts(
+          question.question, candidate_text(gold, with_context),
+          candidate_text(negative, with_context) if negative is not None else None)
+  return [records.ParallelExample(qid, langs) for qid, langs in by_id.items()]
+
+
+def _neighbour(candidates: list[Candidate], i: int) -> Candidate | None:
+  """A sentence of the same paragraph next to candidates[i], else the next paragraph's first."""
+  gold = candidates[i]
+  for j in (i + 1, i - 1):
+    if 0 <= j < len(candidates) and candidates[j].paragraph == gold.paragraph:
+      return candidates[j]
+  if len(candidates) < 2:
+    return None
+  j = i + 1
+  while j % len(candidates) != i and candidates[j % len(candidates)].paragraph == gold.paragraph:
+    j += 1
+  return candidates[j % len(candidates)]

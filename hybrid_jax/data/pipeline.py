@@ -20,11 +20,12 @@ Batch arrays (b = B / P rows on this host):
   question_id   [b] int32  corpus row of the id: equal across rows <=> same question (loss mask)
   query_lang    [b] int32  index into TrainingData.languages
   passage_lang  [b] int32  (the hard negative is in the passage language)
-  batch_type    [b] int32  0 mono, 1 xy, 2 mixed (sampler.ROW_TYPE_IDS)
+  batch_type    [b] int32  0 mono, 1 xy, 2 mixed (row_types.ROW_TYPE_IDS)
 
 tf.data only turns plans into padded arrays: a parallel map runs the NumPy sampler per step, a
 second parallel map gathers the token ids from ragged tables and pads them, then prefetch.
-TensorFlow is imported lazily, sees no GPU/TPU, and uses a private pool of data.tf_threads threads.
+TensorFlow is imported lazily (tf_runtime.py), sees no GPU/TPU, and uses a private pool of
+data.tf_threads threads.
 """
 
 from __future__ import annotations
@@ -37,36 +38,13 @@ from hybrid_jax.data import records
 from hybrid_jax.data import sampler as sampler_lib
 from hybrid_jax.data import sources
 from hybrid_jax.data import synthetic
+from hybrid_jax.data import tf_runtime
 from hybrid_jax.data import tokenization
 from hybrid_jax.data import tokenized
 
 BATCH_KEYS = ("query_input_ids", "query_attention_mask", "passage_input_ids",
               "passage_attention_mask", "question_id", "query_lang", "passage_lang", "batch_type")
 NEGATIVE_KEYS = ("negative_input_ids", "negative_attention_mask")
-
-_TF_CONFIGURED = False
-
-
-def import_tensorflow(num_threads: int = 4):
-  """TensorFlow for tf.data only: no accelerators, few threads. Safe to call repeatedly."""
-  global _TF_CONFIGURED
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  if not _TF_CONFIGURED:
-    _TF_CONFIGURED = True
-    # Both calls fail once TF's runtime has started (e.g. another module used TF first); the
-    # per-dataset private thread pool below still bounds the input pipeline then.
-    try:
-      tf.config.set_visible_devices([], "GPU")
-      tf.config.set_visible_devices([], "TPU")
-    except (RuntimeError, ValueError):
-      pass
-    try:
-      tf.config.threading.set_inter_op_parallelism_threads(num_threads)
-      tf.config.threading.set_intra_op_parallelism_threads(1)
-    except RuntimeError:
-      pass
-  return tf
-
 
 def resolve_tokenizer(config, data_config) -> tokenization.Tokenizer:
   """config.model.tokenizer, else the synthetic source's own, else config.model.init_from."""
@@ -179,7 +157,7 @@ class TrainingData:
     return dataset.as_numpy_iterator()
 
   def _dataset(self, global_batch_size, host_size, start_step, process_index, process_count):
-    tf = import_tensorflow(self.config.tf_threads)
+    tf = tf_runtime.import_tensorflow(self.config.tf_threads)
     tables = self._tf_tables(tf)
     num_languages = len(self.languages)
     sampler = self.sampler

@@ -19,6 +19,7 @@ from absl import flags
 from ml_collections import config_flags
 import numpy as np
 
+from hybrid_jax import errors
 from hybrid_jax.data import records
 from hybrid_jax.data import sampler as sampler_lib
 from hybrid_jax.data import sources
@@ -59,13 +60,16 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config=CONFIG_FILE[:ARG] is required, e.g. configs/xlmr_hybrid.py:runlocal")
+  if not 0 <= _PROCESS_INDEX.value < _PROCESS_COUNT.value:  # the sampler treats this as a bug
+    raise app.UsageError(f"--process_index={_PROCESS_INDEX.value} must be in "
+                         f"[0, --process_count={_PROCESS_COUNT.value})")
   batch_size = _BATCH_SIZE.value or config.train.batch_size
   try:
     corpus, sampler = training_sampler(config.data)
     for record in plan_records(corpus, sampler, _START.value, _STEPS.value, batch_size,
                                _PROCESS_INDEX.value, _PROCESS_COUNT.value):
       sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
-  except records.DataError as e:
+  except errors.UserError as e:  # config, data and LAReQA-format errors: one line, no traceback
     sys.exit(f"error: {e}")
 
 

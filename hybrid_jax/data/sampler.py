@@ -15,7 +15,7 @@ Batch types (config.data.batch_type):
   hybrid  each batch is mono with probability alpha, else xy (the paper's method).
   mixed   ablation: one batch mixes both kinds of rows; B distinct ids with >= 2 languages, each
           row mono (X = Y) with probability alpha, else X != Y, languages drawn as for xy.
-Rows carry batch type ids 0 (mono), 1 (xy), 2 (mixed); a hybrid batch is 0 or 1.
+Rows carry batch type ids 0 (mono), 1 (xy), 2 (mixed) (row_types.py); a hybrid batch is 0 or 1.
 
 Language weights (config.data.language_weighting) over the K training languages, n_L = number of
 training ids in language L: "uniform" 1/K; "size" n_L / sum n; "temperature" n_L^T / sum n^T.
@@ -37,10 +37,9 @@ from typing import Sequence
 import numpy as np
 
 from hybrid_jax.data.records import DataError
+from hybrid_jax.data.row_types import ROW_TYPE_IDS, ROW_TYPE_NAMES  # re-exported: batch_type ids
 
 BATCH_TYPES = ("mono", "xy", "hybrid", "mixed")
-ROW_TYPE_IDS = {"mono": 0, "xy": 1, "mixed": 2}  # what a row's batch_type int32 means
-ROW_TYPE_NAMES = {v: k for k, v in ROW_TYPE_IDS.items()}
 WEIGHTINGS = ("uniform", "size", "temperature")
 REPEAT_POLICIES = ("error", "repeat")
 TRAIN_STREAM, VALIDATION_STREAM = 0, 1
@@ -221,8 +220,8 @@ class BatchSampler:
     force_type ("mono" | "xy" | "mixed") and force_language (a mono batch's language index) are for
     the fixed validation list, which covers every batch type and language evenly.
     """
-    if step < 0:
-      raise ValueError(f"step must be >= 0, found {step}")
+    if step < 0:  # e.g. `python -m hybrid_jax.data.plan --start=-1`
+      raise DataError(f"step must be >= 0, found {step}")
     if force_type is None and batch_size not in self._checked_batch_sizes:
       # The "error" repeat policy holds for every plan, not only for callers that checked first:
       # otherwise a too-small language would silently repeat ids whenever it is drawn.

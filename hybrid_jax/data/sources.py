@@ -1,21 +1,15 @@
 """Data sources -> a `ParallelCorpus`: synthetic, LAReQA directories, parallel-examples JSONL, and
 the XQuAD-R / MLQA-R TFDS builders (tfds_builders.py; data.path = "xquad_r" | "mlqa_r").
 
-`load_corpus(config.data)` is the one entry point; `lareqa_examples` is also used by the converter
-and the TFDS builders.
-
-LAReQA (XQuAD-R, MLQA-R) as training pairs: for every question, query = the question and positive
-= the sentence holding its answer (LAReQA's gold candidate), optionally followed by a space and its
-paragraph (`with_context`, the way LAReQA encodes a candidate). The hard negative is a neighbouring
-sentence of the same paragraph (the next one, else the previous one; a one-sentence paragraph uses
-the first sentence of the next paragraph). An id is paired only in the languages whose file holds
-it: MLQA-R ids exist in 2 to 4 of its 7 languages.
+`load_corpus(config.data)` is the one entry point. LAReQA (XQuAD-R, MLQA-R) training pairs come
+from `lareqa.training_examples` (query -> the sentence holding the answer, optionally followed by
+its paragraph with data.passage_with_context; hard negative = a neighbouring sentence), the same
+pairs the converter writes and the TFDS builders store.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Sequence
 
 from hybrid_jax.data import lareqa
 from hybrid_jax.data import records
@@ -30,49 +24,6 @@ def resolve_path(path: str) -> str:
     return path
   under_root = os.path.join(lareqa.default_data_root(), path)
   return under_root if os.path.exists(under_root) else path
-
-
-def _passage(candidate: lareqa.Candidate, with_context: bool) -> str:
-  return f"{candidate.sentence} {candidate.context}" if with_context else candidate.sentence
-
-
-def lareqa_examples(data_dir: str, languages: Sequence[str] | None = None,
-                    with_context: bool = False) -> list[records.ParallelExample]:
-  """One parallel example per question id over the LAReQA files of `languages` (default: all).
-
-  Ids are ordered by first appearance, scanning the languages in order.
-  """
-  parsed = lareqa.read_languages(data_dir, languages or None)
-  by_id: dict[str, dict[str, records.LanguageTexts]] = {}
-  for lang, data in parsed.items():
-    position = {c.uid: i for i, c in enumerate(data.candidates)}
-    seen: set[str] = set()
-    for question in data.questions:
-      if question.id in seen:
-        raise records.DataError(f"{data.path}: question id {question.id!r} occurs twice; LAReQA "
-                                "files hold each id once per language")
-      seen.add(question.id)
-      i = position[question.gold_uid]
-      gold = data.candidates[i]
-      negative = _neighbour(data.candidates, i)
-      by_id.setdefault(question.id, {})[lang] = records.LanguageTexts(
-          question.question, _passage(gold, with_context),
-          _passage(negative, with_context) if negative is not None else None)
-  return [records.ParallelExample(qid, langs) for qid, langs in by_id.items()]
-
-
-def _neighbour(candidates: list[lareqa.Candidate], i: int) -> lareqa.Candidate | None:
-  """A sentence of the same paragraph next to candidates[i], else the next paragraph's first."""
-  gold = candidates[i]
-  for j in (i + 1, i - 1):
-    if 0 <= j < len(candidates) and candidates[j].paragraph == gold.paragraph:
-      return candidates[j]
-  if len(candidates) < 2:
-    return None
-  j = i + 1
-  while j % len(candidates) != i and candidates[j % len(candidates)].paragraph == gold.paragraph:
-    j += 1
-  return candidates[j % len(candidates)]
 
 
 def load_corpus(data_config) -> records.ParallelCorpus:
@@ -99,7 +50,7 @@ def load_corpus(data_config) -> records.ParallelCorpus:
         raise records.DataError(
             f"data.languages names {unknown}, which {path} has no <lang>.json for. Languages "
             f"present: {available}. Fix data.languages (or leave it empty for all).")
-    examples = lareqa_examples(path, languages, data_config.passage_with_context)
+    examples = lareqa.training_examples(path, languages, data_config.passage_with_context)
     return records.ParallelCorpus.from_examples(examples, languages, source=path)
   if source == "jsonl":
     path = resolve_path(data_config.path)

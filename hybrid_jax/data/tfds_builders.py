@@ -5,7 +5,7 @@ Each record is one parallel example (records.py), in the languages whose file ho
     {"id": str, "languages": Sequence({"language": str, "query": str, "positive": str,
                                        "negative": str})}      # negative "" if there is none
 
-built by `sources.lareqa_examples` (query -> the sentence holding the answer; hard negative = a
+built by `lareqa.training_examples` (query -> the sentence holding the answer; hard negative = a
 neighbouring sentence). Builder configs: "sentence" (default, passage = the gold sentence) and
 "with_context" (passage = sentence + " " + its paragraph, LAReQA's candidate encoding). One split,
 "train", holds every id in file order (shuffling disabled); hybrid_jax takes its validation ids out
@@ -34,9 +34,10 @@ from typing import Sequence
 
 import tensorflow_datasets as tfds
 
+from hybrid_jax import errors
 from hybrid_jax.data import lareqa
 from hybrid_jax.data import records
-from hybrid_jax.data import sources
+from hybrid_jax.data import tf_runtime
 
 _VERSION = tfds.core.Version("1.0.0")
 _HOMEPAGE = "https://github.com/google-research-datasets/lareqa"
@@ -96,7 +97,7 @@ class _LareqaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             "languages": tfds.features.Sequence({"language": text, "query": text,
                                                  "positive": text, "negative": text}),
         }),
-        disable_shuffling=True,  # file order, so records equal sources.lareqa_examples
+        disable_shuffling=True,  # file order, so records equal lareqa.training_examples
         homepage=_HOMEPAGE, citation=_CITATION, license=self.LICENSE)
 
   def _split_generators(self, dl_manager):
@@ -104,7 +105,8 @@ class _LareqaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return {"train": self._generate_examples(directory)}
 
   def _generate_examples(self, directory: str):
-    examples = sources.lareqa_examples(directory, self.LANGUAGES, self.builder_config.with_context)
+    examples = lareqa.training_examples(directory, self.LANGUAGES,
+                                         self.builder_config.with_context)
     for example in examples:
       yield example.id, {"id": example.id, "languages": [
           {"language": lang, "query": t.query, "positive": t.positive, "negative": t.negative or ""}
@@ -151,8 +153,7 @@ def prepare(dataset_builder: tfds.core.DatasetBuilder, manual_dir: str) -> None:
     return
   cls = type(dataset_builder)
   resolve_manual_dir(manual_dir, cls.FOLDER, cls.LANGUAGES)  # a clear error before TFDS starts
-  from hybrid_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TF thread limits)
-  pipeline.import_tensorflow()
+  tf_runtime.import_tensorflow()  # TF's thread and device limits, before TFDS starts TF
   print(f"preparing TFDS {dataset_builder.info.full_name} in {dataset_builder.data_dir} from "
         f"{manual_dir}", file=sys.stderr, flush=True)
   dataset_builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
@@ -162,8 +163,7 @@ def prepare(dataset_builder: tfds.core.DatasetBuilder, manual_dir: str) -> None:
 def read_examples(dataset_builder: tfds.core.DatasetBuilder,
                   split: str = "train") -> list[records.ParallelExample]:
   """The records of a prepared builder as ParallelExamples (file order)."""
-  from hybrid_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TF thread limits)
-  pipeline.import_tensorflow()
+  tf_runtime.import_tensorflow()  # TF's thread and device limits, before TFDS starts TF
   examples = []
   for record in tfds.as_numpy(dataset_builder.as_dataset(split=split)):
     entries = record["languages"]
@@ -198,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       prepare(dataset_builder, args.manual_dir or lareqa.default_data_root())
       print(f"{dataset_builder.info.full_name}: {dataset_builder.info.splits['train'].num_examples}"
             f" ids in {dataset_builder.data_dir}", file=sys.stderr)
-  except records.DataError as e:
+  except errors.UserError as e:  # data and LAReQA-format errors: one line, no traceback
     sys.exit(f"error: {e}")
 
 

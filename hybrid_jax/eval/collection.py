@@ -104,15 +104,6 @@ class Collection:
         cross_lingual=self.cross_lingual)
 
 
-def lareqa_candidate_text(candidate: lareqa.Candidate, with_context: bool) -> str:
-  """A LAReQA candidate as one text: the sentence, or the sentence followed by its paragraph.
-
-  LAReQA's encoders take (sentence, context) as two inputs; a single-input encoder sees both,
-  sentence first so that truncation cuts the context, not the answer.
-  """
-  return f"{candidate.sentence} {candidate.context}" if with_context else candidate.sentence
-
-
 def from_lareqa(data_dir: str, languages: Iterable[str] | None = None, *,
                 candidate_context: bool = False, name: str | None = None) -> Collection:
   """XQuAD-R / MLQA-R: one `<lang>.json` per language (all files in `data_dir` by default)."""
@@ -138,7 +129,7 @@ def from_lareqa(data_dir: str, languages: Iterable[str] | None = None, *,
       query_uids=[q.uid for q in questions], query_texts=[q.question for q in questions],
       query_langs=[q.lang for q in questions],
       candidate_uids=[c.uid for c in candidates],
-      candidate_texts=[lareqa_candidate_text(c, candidate_context) for c in candidates],
+      candidate_texts=[lareqa.candidate_text(c, candidate_context) for c in candidates],
       candidate_langs=[c.lang for c in candidates],
       relevant=[[(c, 1.0) for c in sorted(gold_by_id[q.id])] for q in questions])
 

@@ -11,7 +11,6 @@ import pytest
 from hybrid_jax.data import convert
 from hybrid_jax.data import lareqa
 from hybrid_jax.data import records
-from hybrid_jax.data import sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LT = records.LanguageTexts
@@ -98,5 +97,5 @@ def test_lareqa_command_line_round_trips_through_the_jsonl_source(tmp_path):
   directory = os.path.join(lareqa.default_data_root(), "mlqa-r")
   _convert("--from=lareqa", f"--input={directory}", "--languages=de,en", f"--output={out}")
   written = records.read_jsonl(out)
-  assert written == sources.lareqa_examples(directory, ["de", "en"])
+  assert written == lareqa.training_examples(directory, ["de", "en"])
   assert len(written) == 1148 and sum("de" in e.languages for e in written) == 512

@@ -1,5 +1,5 @@
 """LAReQA file parser: gold sentences, uids, format errors, and the real XQuAD-R / MLQA-R counts
-of their SOURCE.md files."""
+of their SOURCE.md files; the candidate text shared by the training source and the eval collection."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import os
 
 import pytest
 
+from hybrid_jax.data import defaults
 from hybrid_jax.data import lareqa
+from hybrid_jax.data import sources
+from hybrid_jax.eval import collection as collection_lib
 
 # SOURCE.md tables: language -> (questions, candidate sentences).
 XQUAD_R_COUNTS = {"ar": (1190, 1222), "de": (1190, 1276), "el": (1190, 1234), "en": (1190, 1180),
@@ -93,3 +96,38 @@ def test_real_files_have_the_source_md_counts(dataset, counts, total_candidates)
   for p in parsed.values():  # every gold uid names a candidate of its own language
     uids = {c.uid for c in p.candidates}
     assert all(q.gold_uid in uids for q in p.questions)
+
+
+@pytest.mark.parametrize("with_context", [False, True])
+def test_training_passages_and_eval_candidates_are_one_functions_text(with_context, monkeypatch):
+  """On real XQuAD-R, the training source's positives and the eval collection's candidates are
+  lareqa.candidate_text of the same candidates, so a model is evaluated on the text it trained on."""
+  directory = os.path.join(lareqa.default_data_root(), "xquad-r")
+  parsed = lareqa.read_languages(directory)
+  expected = {c.uid: lareqa.candidate_text(c, with_context)
+              for part in parsed.values() for c in part.candidates}
+  if with_context:  # LAReQA's encoding: sentence first, then its paragraph
+    candidate = parsed["en"].candidates[0]
+    assert expected[candidate.uid] == f"{candidate.sentence} {candidate.context}"
+  config = defaults.data_config(real_data=True)
+  config.path, config.passage_with_context = "xquad-r", with_context
+
+  def training_positives(corpus):  # gold uid of every (question id, language) -> its positive
+    row = {qid: i for i, qid in enumerate(corpus.ids)}
+    return {q.gold_uid: corpus.positives[row[q.id], corpus.language_index(lang)]
+            for lang, part in parsed.items() for q in part.questions}
+
+  def eval_candidates(collection):
+    return dict(zip(collection.candidate_uids, collection.candidate_texts))
+
+  positives = training_positives(sources.load_corpus(config))
+  assert positives == {uid: expected[uid] for uid in positives}
+  assert eval_candidates(collection_lib.from_lareqa(directory, candidate_context=with_context)) \
+      == expected
+  # Not only equal today: both paths call that one function (a marker text reaches both).
+  monkeypatch.setattr(lareqa, "candidate_text", lambda c, context: f"<{c.uid} {context}>")
+  marked = {uid: f"<{uid} {with_context}>" for uid in expected}
+  positives = training_positives(sources.load_corpus(config))
+  assert positives == {uid: marked[uid] for uid in positives}
+  assert eval_candidates(collection_lib.from_lareqa(directory, candidate_context=with_context)) \
+      == marked

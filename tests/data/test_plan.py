@@ -81,6 +81,8 @@ def test_host_slice():
     ("--config.data.alpha=1.5", r"error: data.alpha must be in [0, 1]"),
     ("--config.data.languages=('lat','xx')", "error: data.languages names ['xx']"),
     ("--batch_size=2000", "error: global batch size 2000 cannot be filled with distinct ids"),
+    ("--start=-1", "error: step must be >= 0, found -1"),
+    ("--process_index=4", "--process_index=4 must be in [0, --process_count=1)"),
 ])
 def test_errors_exit_with_a_message_and_no_traceback(override, message):
   result = _run(f"--config={RUNLOCAL}", override, "--steps=1", check=False)

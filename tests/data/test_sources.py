@@ -103,12 +103,13 @@ def test_passage_with_context_and_hard_negatives(tmp_path):
                  {"id": "q2", "question": "Cats?", "answers": [{"answer_start": 0}]}]},
         {"context": "Birds sing.", "sentences": ["Birds sing."], "sentence_breaks": [[0, 11]],
          "qas": [{"id": "q3", "question": "Birds?", "answers": [{"answer_start": 3}]}]}]}]}, f)
-  plain = {e.id: e.languages["en"] for e in sources.lareqa_examples(directory)}
+  plain = {e.id: e.languages["en"] for e in lareqa.training_examples(directory)}
   # Hard negative: the other sentence of the paragraph; a one-sentence paragraph wraps around.
   assert plain["q1"] == records.LanguageTexts("Dogs?", "Dogs bark.", "Cats purr.")
   assert plain["q2"] == records.LanguageTexts("Cats?", "Cats purr.", "Dogs bark.")
   assert plain["q3"] == records.LanguageTexts("Birds?", "Birds sing.", "Cats purr.")
-  context = {e.id: e.languages["en"] for e in sources.lareqa_examples(directory, with_context=True)}
+  context = {e.id: e.languages["en"]
+             for e in lareqa.training_examples(directory, with_context=True)}
   assert context["q1"].positive == "Dogs bark. Cats purr. Dogs bark."
   assert context["q3"].negative == "Cats purr. Cats purr. Dogs bark."
 
@@ -120,7 +121,7 @@ def test_duplicate_question_id_in_a_lareqa_file(tmp_path):
          "qas": [{"id": "q", "question": "?", "answers": [{"answer_start": 0}]},
                  {"id": "q", "question": "?", "answers": [{"answer_start": 0}]}]}]}]}, f)
   with pytest.raises(records.DataError, match=r"en.json: question id 'q' occurs twice"):
-    sources.lareqa_examples(str(tmp_path))
+    lareqa.training_examples(str(tmp_path))
 
 
 def test_lareqa_config_errors(mlqa_config):

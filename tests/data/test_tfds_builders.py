@@ -40,7 +40,7 @@ def mlqa(data_dir):
 def test_xquad_r_records(xquad):
   assert xquad.info.splits["train"].num_examples == 1190
   examples = tfds_builders.read_examples(xquad)
-  assert examples == sources.lareqa_examples(os.path.join(ROOT, "xquad-r"))
+  assert examples == lareqa.training_examples(os.path.join(ROOT, "xquad-r"))
   assert all(len(e.languages) == 11 for e in examples)
   assert xquad.info.full_name == "xquad_r/sentence/1.0.0"
 
@@ -48,7 +48,7 @@ def test_xquad_r_records(xquad):
 def test_mlqa_r_records(mlqa):
   assert mlqa.info.splits["train"].num_examples == 1148
   examples = tfds_builders.read_examples(mlqa)
-  assert examples == sources.lareqa_examples(os.path.join(ROOT, "mlqa-r"))
+  assert examples == lareqa.training_examples(os.path.join(ROOT, "mlqa-r"))
   per_id = collections.Counter(len(e.languages) for e in examples)
   assert per_id == {4: 820, 3: 263, 2: 65}
   per_language = collections.Counter(lang for e in examples for lang in e.languages)
