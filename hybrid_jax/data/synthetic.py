@@ -100,7 +100,7 @@ class SyntheticSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Lexicon:
+class Lexicon:
   entities: list[str]
   relations: list[str]
   values: list[str]
@@ -127,7 +127,8 @@ def _make_words(rng: np.random.Generator, script: tuple[str, str], count: int,
   return words
 
 
-def _lexicon(spec: SyntheticSpec, k: int) -> _Lexicon:
+def lexicon(spec: SyntheticSpec, k: int) -> Lexicon:
+  """The words and word orders of language k of `spec` (a pure function of spec.seed and k)."""
   lang = spec.languages[k]
   rng = np.random.default_rng([spec.seed, 1, k])
   taken: set[str] = set()
@@ -138,7 +139,7 @@ def _lexicon(spec: SyntheticSpec, k: int) -> _Lexicon:
   # Language 0 keeps the canonical order; the others get their own word order.
   query_order = _QUERY_SLOTS if k == 0 else tuple(np.asarray(_QUERY_SLOTS)[rng.permutation(4)])
   passage_order = _PASSAGE_SLOTS if k == 0 else tuple(np.asarray(_PASSAGE_SLOTS)[rng.permutation(4)])
-  return _Lexicon(words[:e], words[e:e + r], words[e + r:e + r + v], function,
+  return Lexicon(words[:e], words[e:e + r], words[e + r:e + r + v], function,
                   tuple(query_order), tuple(passage_order))
 
 
@@ -161,7 +162,7 @@ class _Renderer:
   def __init__(self, spec: SyntheticSpec):
     spec.validate()
     self.spec = spec
-    self.lexicons = [_lexicon(spec, k) for k in range(spec.num_languages)]
+    self.lexicons = [lexicon(spec, k) for k in range(spec.num_languages)]
     self.values, self.presence = _facts(spec)
     rng = np.random.default_rng([spec.seed, 2])
     # Per (entity, relation, language): whether the passage carries a filler word, and which.
@@ -227,7 +228,7 @@ def build_tokenizer(spec: SyntheticSpec) -> tokenization.Tokenizer:
   spec.validate()
   vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + PREFIX_WORDS)}
   for k in range(spec.num_languages):
-    for word in _lexicon(spec, k).words:
+    for word in lexicon(spec, k).words:
       vocab[word] = len(vocab)
   assert len(vocab) == spec.vocab_size, (len(vocab), spec.vocab_size)
   hf = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))

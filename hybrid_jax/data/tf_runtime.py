@@ -4,10 +4,13 @@ JAX owns the GPUs/TPUs; TensorFlow (tf.data, TFDS) must neither grab their memor
 thread per core on a host that also feeds the accelerators. Every module that needs TensorFlow
 gets it from `import_tensorflow`, so the limits are set before TF's runtime starts.
 
-This module imports nothing of hybrid_jax, so any module may use it without an import circle.
+This module imports only hybrid_jax.native_log (a leaf), so any module may use it without an
+import circle.
 """
 
 from __future__ import annotations
+
+from hybrid_jax import native_log
 
 _TF_CONFIGURED = False
 
@@ -15,7 +18,8 @@ _TF_CONFIGURED = False
 def import_tensorflow(num_threads: int = 4):
   """TensorFlow for tf.data only: no accelerators, few threads. Safe to call repeatedly."""
   global _TF_CONFIGURED
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (only the input pipeline needs TF)
+  with native_log.quiet_native_banners():  # TF's C++ start-up INFO lines, not its warnings
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if not _TF_CONFIGURED:
     _TF_CONFIGURED = True
     # Both calls fail once TF's runtime has started (e.g. another module used TF first); the

@@ -69,7 +69,7 @@ def test_languages_express_the_same_facts(tmp_path, examples):
   assert [os.path.basename(p) for p in paths] == [f"{lang}.json" for lang in SPEC.languages]
   value_index = {}
   for k, lang in enumerate(SPEC.languages):
-    lexicon_values = synthetic._lexicon(SPEC, k).values  # pylint: disable=protected-access
+    lexicon_values = synthetic.lexicon(SPEC, k).values
     with open(tmp_path / f"{lang}.json", encoding="utf-8") as f:
       for article in json.load(f)["data"]:
         for paragraph in article["paragraphs"]:
