@@ -246,7 +246,9 @@ def _tower_rng(rng: jax.Array | None, tower: int) -> jax.Array | None:
   return None if rng is None else jax.random.fold_in(rng, tower)
 
 
-def _loss_on_embeddings(embeddings: dict, params: Mapping[str, Any], batch, config: LossConfig):
+def loss_on_embeddings(embeddings: dict, params: Mapping[str, Any], batch, config: LossConfig):
+  """The loss given each tower's embeddings ({"query", "passage"[, "negative"]}: [B, D]); what
+  GradCache differentiates with respect to the embeddings."""
   return embedding_loss(embeddings["query"], embeddings["passage"], embeddings.get("negative"),
                         batch.get("question_id"), batch["batch_type"], scale_of(params, config),
                         config)
@@ -277,7 +279,7 @@ def batch_loss(encode_fn: EncodeFn, params: Mapping[str, Any], batch: Mapping[st
     emb = emb.reshape(b, k, -1)  # [B, k, D]
     for i, (name, *_rest) in enumerate(members):
       embeddings[name] = emb[:, i]
-  return _loss_on_embeddings(embeddings, params, batch, config)
+  return loss_on_embeddings(embeddings, params, batch, config)
 
 
 def value_and_grad(encode_fn: EncodeFn, params, batch, rng, config: LossConfig):
@@ -289,14 +291,14 @@ def value_and_grad(encode_fn: EncodeFn, params, batch, rng, config: LossConfig):
 
 
 # --- GradCache ------------------------------------------------------------------------------------
-def _to_chunks(x: jax.Array, chunk_size: int) -> jax.Array:
+def to_chunks(x: jax.Array, chunk_size: int) -> jax.Array:
   """[B, ...] -> [B / C, C, ...]; chunk k holds rows k, k + B/C, ... (strided, see module doc)."""
   num_chunks = x.shape[0] // chunk_size
   return x.reshape(chunk_size, num_chunks, *x.shape[1:]).swapaxes(0, 1)
 
 
-def _from_chunks(x: jax.Array) -> jax.Array:
-  """Inverse of _to_chunks: [B / C, C, ...] -> [B, ...]."""
+def from_chunks(x: jax.Array) -> jax.Array:
+  """Inverse of to_chunks: [B / C, C, ...] -> [B, ...]."""
   return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
 
 
@@ -328,17 +330,17 @@ def gradcache_value_and_grad(encode_fn: EncodeFn, params, batch, rng, config: Lo
   embeddings, chunked_inputs = {}, {}
   for name, ids, mask, tower in towers:
     keys = _chunk_rngs(rng, tower, num_chunks)
-    xs = (_to_chunks(ids, chunk_size), _to_chunks(mask, chunk_size), keys)
+    xs = (to_chunks(ids, chunk_size), to_chunks(mask, chunk_size), keys)
     chunked_inputs[name] = xs
     frozen = jax.lax.stop_gradient(encoder_params)
     emb = jax.lax.map(lambda x, frozen=frozen: encode_chunk(frozen, x[0], x[1], x[2]), xs)
-    embeddings[name] = _from_chunks(emb)  # [B, D]
+    embeddings[name] = from_chunks(emb)  # [B, D]
 
   # 2. Loss and gradients with respect to the embeddings (and the loss's own parameters).
   loss_params = {k: v for k, v in params.items() if k != "encoder"}
 
   def loss_fn(embs, lp):
-    return _loss_on_embeddings(embs, lp, batch, config)
+    return loss_on_embeddings(embs, lp, batch, config)
 
   (loss, aux), (embedding_grads, loss_param_grads) = jax.value_and_grad(
       loss_fn, argnums=(0, 1), has_aux=True)(embeddings, loss_params)
@@ -353,7 +355,7 @@ def gradcache_value_and_grad(encode_fn: EncodeFn, params, batch, rng, config: Lo
   encoder_grads = jax.tree.map(jnp.zeros_like, encoder_params)
   for name, _, _, _ in towers:
     ids, mask, keys = chunked_inputs[name]
-    xs = (ids, mask, keys, _to_chunks(embedding_grads[name], chunk_size))
+    xs = (ids, mask, keys, to_chunks(embedding_grads[name], chunk_size))
     encoder_grads, _ = jax.lax.scan(backward_chunk, encoder_grads, xs)
 
   grads = dict(loss_param_grads)

@@ -183,12 +183,12 @@ def test_gradcache_with_dropout_reuses_each_chunks_key():
     embs = {}
     for name, tower in (("query", 0), ("passage", 1), ("negative", 2)):
       tower_rng = jax.random.fold_in(rng, tower)
-      chunks = losses._to_chunks(batch[f"{name}_input_ids"], 4)
-      masks = losses._to_chunks(batch[f"{name}_attention_mask"], 4)
+      chunks = losses.to_chunks(batch[f"{name}_input_ids"], 4)
+      masks = losses.to_chunks(batch[f"{name}_attention_mask"], 4)
       out = jnp.stack([_encode(p["encoder"], chunks[k], masks[k],
                                jax.random.fold_in(tower_rng, k)) for k in range(len(chunks))])
-      embs[name] = losses._from_chunks(out)
-    return losses._loss_on_embeddings(embs, p, batch, cfg)
+      embs[name] = losses.from_chunks(out)
+    return losses.loss_on_embeddings(embs, p, batch, cfg)
 
   (loss_ref, _), grads_ref = jax.jit(jax.value_and_grad(reference, has_aux=True))(params)
   (loss, _), grads = jax.jit(lambda p: losses.value_and_grad(_encode, p, batch, rng, cfg))(params)
@@ -202,9 +202,9 @@ def test_gradcache_with_dropout_reuses_each_chunks_key():
 
 def test_chunks_are_strided_and_round_trip():
   x = jnp.arange(12)
-  chunks = losses._to_chunks(x, 4)
+  chunks = losses.to_chunks(x, 4)
   np.testing.assert_array_equal(chunks[0], [0, 3, 6, 9])
-  np.testing.assert_array_equal(losses._from_chunks(chunks), x)
+  np.testing.assert_array_equal(losses.from_chunks(chunks), x)
 
 
 def test_gradcache_temp_memory_is_flat_in_batch_size():
