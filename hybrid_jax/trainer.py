@@ -56,13 +56,6 @@ TrainingDivergedError = errors.TrainingDivergedError
 
 
 # --- config checks -------------------------------------------------------------------------------
-def resolve_dtype(name: str) -> str:
-  """"auto" -> bfloat16 on TPU/GPU, float32 on CPU; other names pass through."""
-  if name == "auto":
-    return "bfloat16" if jax.default_backend() in ("tpu", "gpu") else "float32"
-  return name
-
-
 def loss_config(config) -> losses.LossConfig:
   return losses.LossConfig.from_train_config(config.train,
                                              hard_negatives=config.data.hard_negatives)
@@ -124,7 +117,7 @@ def encoder_config_from(config, pretrained_config: encoder_lib.EncoderConfig | N
                         ) -> encoder_lib.EncoderConfig:
   """The architecture from the preset, or from the checkpoint (then only pooling/dtype/dropout)."""
   model = config.model
-  dtype = resolve_dtype(model.get("dtype", "auto"))
+  dtype = encoder_lib.resolve_dtype(model.get("dtype", "auto"))
   if pretrained_config is not None:
     return pretrained_config.replace(
         pooling=model.pooling, dtype=dtype, hidden_dropout_prob=model.hidden_dropout_prob,

@@ -50,6 +50,13 @@ class EncoderConfigError(errors.UserError):
   """An encoder configuration is inconsistent (bad sizes, unknown names)."""
 
 
+def resolve_dtype(name: str) -> str:
+  """"auto" (the presets' default) -> bfloat16 on TPU/GPU, float32 on CPU; others pass through."""
+  if name == "auto":
+    return "bfloat16" if jax.default_backend() in ("tpu", "gpu") else "float32"
+  return name
+
+
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
   """Architecture and numerics of the encoder; field names follow Hugging Face `config.json`."""
@@ -137,6 +144,8 @@ class EncoderConfig:
       raise EncoderConfigError(
           f"config.model lacks the encoder fields {missing}. Start from a preset in "
           "hybrid_jax/models/presets.py, or set init_from to a Hugging Face directory.")
+    if "dtype" in values:
+      values["dtype"] = resolve_dtype(values["dtype"])
     return cls(**values)
 
   @classmethod
