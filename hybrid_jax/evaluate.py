@@ -18,6 +18,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from hybrid_jax import errors
 from hybrid_jax.eval import runner
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -73,12 +74,9 @@ def main(argv):
       query_max_length=_QUERY_LEN.value, passage_max_length=_PASSAGE_LEN.value,
       batch_size=_BATCH.value, pooling=_POOLING.value, dtype=_DTYPE.value,
       groups=runner.parse_groups(_GROUPS.value), normalize=_NORMALIZE.value)
-  try:
-    runner.run(options, argv=sys.argv)
-  except (ValueError, FileNotFoundError) as e:
-    # User-caused problems (flags, files, data): the message says what and how to fix it.
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  # User-caused problems (flags, paths, data) are errors.UserError: one "error:" line, status 2.
+  # Anything else keeps its traceback: it is a bug to report, not a setting to change.
+  errors.exit_on_user_error(lambda: runner.run(options, argv=sys.argv))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """The `config.evals` section: evaluators run during and after training (owned by hybrid_jax/eval/).
 
-Each entry is name -> spec, built by `hybrid_jax.eval.evaluators.build_evaluators`:
-  type          "lareqa" (XQuAD-R / MLQA-R directory) or "beir" (MIRACL-style BEIR directory)
+Each entry is name -> spec, built by `hybrid_jax.eval.evaluators.build_evaluators` and run during
+training by `hybrid_jax.eval.periodic.PeriodicEvaluation`:
+  type          one of evaluators.EVALUATOR_TYPES: "lareqa" (XQuAD-R / MLQA-R directory), "beir"
+                (MIRACL-style BEIR directory) or "synthetic" (the synthetic data's held-out ids)
   dataset       lareqa: "xquad-r" | "mlqa-r"
   data_dir      "" = $HYBRID_JAX_DATA/<dataset> (lareqa.default_data_root()); beir: required
   languages     () = every <lang>.json in data_dir
+  synthetic     synthetic: the generator fields; empty = config.data.synthetic
   every_steps   trainer: run every N steps (and at step 0 and at the end); 0 = at the end only;
                 -1 = switched off (a command line cannot delete a config entry)
   groups        language groups averaged in the summaries, e.g. languages unseen in training

@@ -1,193 +1,68 @@
-"""Evaluators: encode a collection with any embedding function, score the grid, write reports.
+"""Evaluators of the LAReQA grid, and the one registry of evaluator types (config.evals specs).
 
 The same objects serve the command line (`python -m hybrid_jax.evaluate`) and periodic
-evaluation inside training:
+evaluation inside training (eval/periodic.py):
 
     evaluator = LareqaEvaluator("xquad-r", languages=("en", "de"), groups={"unseen": ("el",)})
     results = evaluator.evaluate(embed_fn, output_dir=None)   # dict, results.json schema
     scalars = scalar_metrics(results, prefix="xquad_r")       # for metric writers
 
-`embed_fn(texts, prefix) -> np.ndarray [N, D] float32`: the texts in order, the prefix ("Query: ",
-"Passage: ") to prepend. The collection is read lazily, on the first call. Embeddings are
-L2-normalised before scoring (cosine similarity, PAPER.md) unless `normalize=False`.
+Types (the `type` of a config.evals spec, eval/defaults.py): "lareqa" (XQuAD-R / MLQA-R
+directory), "beir" (a BEIR-format directory) and "synthetic" (the built-in synthetic data's
+held-out ids, eval/synthetic_eval.py). `EVALUATOR_CLASSES` maps each to its class and is the only
+list of them: `EVALUATOR_TYPES` (the trainer's config check), `build_evaluators` (config.evals)
+and the evaluate command line (eval/runner.py) all read it. The base class lives in
+eval/grid_evaluator.py, so that type modules import it and this module imports them, never the
+reverse.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import sys
-import time
-from typing import Callable, Mapping, Sequence
+import types
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from hybrid_jax.data import lareqa
 from hybrid_jax.eval import collection as collection_lib
-from hybrid_jax.eval import embeddings_io
-from hybrid_jax.eval import grid as grid_lib
-from hybrid_jax.eval import metrics as metrics_lib
-from hybrid_jax.eval import report
+from hybrid_jax.eval import grid_evaluator
+from hybrid_jax.eval import synthetic_eval
 
-EmbedFn = Callable[[Sequence[str], str], np.ndarray]
+# The base names, for callers that build evaluators by hand (benchmarks, notebooks).
+EmbedFn = grid_evaluator.EmbedFn
+GridEvaluator = grid_evaluator.GridEvaluator
+EvaluatorConfigError = grid_evaluator.EvaluatorConfigError
 
 LAREQA_DATASETS = ("xquad-r", "mlqa-r")
 
 
-def _normalize(x: np.ndarray) -> np.ndarray:
-  norm = np.linalg.norm(x, axis=1, keepdims=True)
-  return x / np.maximum(norm, 1e-12)
-
-
-def _texts_digest(prefix: str, texts: Sequence[str]) -> str:
-  digest = hashlib.sha1(prefix.encode("utf-8"))
-  for t in texts:
-    digest.update(b"\x00" + t.encode("utf-8"))
-  return digest.hexdigest()
-
-
-def _check_embeddings(x: np.ndarray, n: int, kind: str) -> np.ndarray:
-  x = np.asarray(x, np.float32)
-  if x.ndim != 2 or len(x) != n:
-    raise embeddings_io.EmbeddingsError(
-        f"embed_fn returned {kind} embeddings of shape {x.shape}, expected [{n}, dim]")
-  if not np.isfinite(x).all():
-    raise embeddings_io.EmbeddingsError(f"embed_fn returned NaN or inf {kind} embeddings")
-  return x
-
-
-class GridEvaluator:
-  """Scores one collection on the full grid. Subclasses say how the collection is read."""
-
-  name = "grid"
-
-  def __init__(self, collection: collection_lib.Collection | None = None, *,
-               query_prefix: str = "Query: ", passage_prefix: str = "Passage: ",
-               groups: Mapping[str, Sequence[str]] | None = None, normalize: bool = True,
-               mesh=None, show_progress: bool = True):
-    self._collection = collection
-    self.query_prefix = query_prefix
-    self.passage_prefix = passage_prefix
-    self.groups = {k: tuple(v) for k, v in (groups or {}).items()}
-    self.normalize = normalize
-    self.mesh = mesh
-    self.show_progress = show_progress
-
-  # --- the collection, read on first use ---------------------------------------------------------
-  def _load_collection(self) -> collection_lib.Collection:
-    """Reads the collection; only subclasses know from where."""
-    raise ValueError("GridEvaluator was built without a collection: pass collection=... or use "
-                     "LareqaEvaluator / BeirEvaluator, which read theirs from files")
-
-  @property
-  def collection(self) -> collection_lib.Collection:
-    if self._collection is None:
-      self._collection = self._load_collection()
-    return self._collection
-
-  # --- encoding ----------------------------------------------------------------------------------
-  def embed(self, embed_fn: EmbedFn, cache_dir: str | None = None,
-            cache_key: Mapping | None = None, passage_embed_fn: EmbedFn | None = None
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """Query and candidate embeddings [Q, D], [N, D]; reuses `cache_dir` when its key matches.
-
-    `passage_embed_fn` (default: `embed_fn`) encodes the candidates, e.g. with a longer maximum
-    length. The cache is the embeddings exchange format plus `<kind>.meta.json` holding
-    `cache_key` (which must identify the encoder) and a digest of the prefixed texts.
-    """
-    col = self.collection
-    out = []
-    for kind, uids, texts, prefix, fn in (
-        ("queries", col.query_uids, col.query_texts, self.query_prefix, embed_fn),
-        ("candidates", col.candidate_uids, col.candidate_texts, self.passage_prefix,
-         passage_embed_fn or embed_fn)):
-      meta = None
-      if cache_dir is not None and cache_key is not None:
-        meta = {"key": dict(cache_key), "prefix": prefix, "texts_sha1": _texts_digest(prefix, texts),
-                "num": len(texts)}
-        cached = self._read_cache(cache_dir, kind, meta, uids)
-        if cached is not None:
-          out.append(cached)
-          continue
-      start = time.time()
-      emb = _check_embeddings(fn(list(texts), prefix), len(texts), kind)
-      if self.show_progress:
-        print(f"embedded {len(texts)} {kind} in {time.time() - start:.1f}s", file=sys.stderr)
-      if meta is not None:
-        embeddings_io.save(cache_dir, kind, uids, emb, meta)
-      out.append(emb)
-    if out[0].shape[1] != out[1].shape[1]:
-      raise embeddings_io.EmbeddingsError(
-          f"query embeddings have width {out[0].shape[1]}, candidate embeddings "
-          f"{out[1].shape[1]}: both must come from the same encoder")
-    return out[0], out[1]
-
-  def _read_cache(self, cache_dir: str, kind: str, meta: dict, uids: Sequence[str]):
-    meta_path = os.path.join(cache_dir, f"{kind}.meta.json")
-    if not os.path.isfile(meta_path):
-      return None
-    try:
-      with open(meta_path, encoding="utf-8") as f:
-        if json.load(f) != json.loads(json.dumps(meta)):
-          return None
-      cached_uids, emb = embeddings_io.load(cache_dir, kind)
-    except (OSError, ValueError):
-      return None  # a stale or damaged cache is recomputed, never trusted
-    if list(cached_uids) != list(uids):
-      return None
-    if self.show_progress:
-      print(f"reusing cached {kind} embeddings from {cache_dir}", file=sys.stderr)
-    return emb
-
-  # --- scoring -------------------------------------------------------------------------------------
-  def score(self, query_emb: np.ndarray, candidate_emb: np.ndarray
-            ) -> tuple[metrics_lib.PerQueryMetrics, dict]:
-    """Per-query metrics of every setting and the results dict (results.json schema)."""
-    col = self.collection
-    query_emb = _check_embeddings(query_emb, col.num_queries, "query")
-    candidate_emb = _check_embeddings(candidate_emb, col.num_candidates, "candidate")
-    if query_emb.shape[1] != candidate_emb.shape[1]:
-      raise embeddings_io.EmbeddingsError(
-          f"query embeddings have width {query_emb.shape[1]} but candidate embeddings have "
-          f"width {candidate_emb.shape[1]}; both must come from the same encoder.")
-    if self.normalize:
-      query_emb, candidate_emb = _normalize(query_emb), _normalize(candidate_emb)
-    per_query = metrics_lib.score_grid(
-        query_emb, candidate_emb, col.lang_index(col.candidate_langs), len(col.languages),
-        col.relevance_arrays(), mesh=self.mesh, show_progress=self.show_progress)
-    return per_query, grid_lib.summarize(col, per_query, self.groups)
-
-  def evaluate(self, embed_fn: EmbedFn, output_dir: str | None = None, *,
-               passage_embed_fn: EmbedFn | None = None, cache_dir: str | None = None,
-               cache_key: Mapping | None = None, header_lines: Sequence[str] = (),
-               meta: dict | None = None) -> dict:
-    """Encodes, scores and (with `output_dir`) writes every report file. Returns the results."""
-    q_emb, c_emb = self.embed(embed_fn, cache_dir, cache_key, passage_embed_fn)
-    return self.evaluate_embeddings(q_emb, c_emb, output_dir, header_lines=header_lines, meta=meta)
-
-  def evaluate_embeddings(self, query_emb: np.ndarray, candidate_emb: np.ndarray,
-                          output_dir: str | None = None, *, header_lines: Sequence[str] = (),
-                          meta: dict | None = None) -> dict:
-    per_query, results = self.score(query_emb, candidate_emb)
-    if output_dir:
-      report.write_all(output_dir, self.collection, per_query, results, header_lines, meta)
-    return results
+class UnknownEvaluatorTypeError(EvaluatorConfigError):
+  """A config.evals spec names a type that no evaluator class registers."""
 
 
 class LareqaEvaluator(GridEvaluator):
   """XQuAD-R or MLQA-R from a local LAReQA directory (`<lang>.json` per language)."""
 
+  type_name = "lareqa"
+
   def __init__(self, dataset: str = "xquad-r", data_dir: str = "",
                languages: Sequence[str] = (), candidate_context: bool = False, **kwargs):
     super().__init__(**kwargs)
     if dataset not in LAREQA_DATASETS:
-      raise ValueError(f"unknown LAReQA dataset {dataset!r}; expected one of {LAREQA_DATASETS}")
+      raise EvaluatorConfigError(f"unknown LAReQA dataset {dataset!r}; expected one of "
+                                 f"{LAREQA_DATASETS}")
     self.dataset = dataset
     self.data_dir = data_dir or os.path.join(lareqa.default_data_root(), dataset)
     self.languages = tuple(languages)
     self.candidate_context = candidate_context
     self.name = dataset
+
+  @classmethod
+  def from_spec(cls, name: str, spec: Mapping, **common) -> "LareqaEvaluator":
+    return cls(spec.get("dataset", "xquad-r"), spec.get("data_dir", ""),
+               tuple(spec.get("languages") or ()), bool(spec.get("candidate_context", False)),
+               **common)
 
   def _load_collection(self) -> collection_lib.Collection:
     return collection_lib.from_lareqa(self.data_dir, self.languages or None,
@@ -197,17 +72,31 @@ class LareqaEvaluator(GridEvaluator):
 class BeirEvaluator(GridEvaluator):
   """A BEIR-format directory (MIRACL-style monolingual set): corpus, queries, qrels/<split>.tsv."""
 
+  type_name = "beir"
+
   def __init__(self, data_dir: str, split: str = "test", lang: str | None = None,
                name: str | None = None, **kwargs):
     super().__init__(**kwargs)
     if not data_dir:
-      raise ValueError("BeirEvaluator needs data_dir (a directory with corpus.jsonl, "
-                       "queries.jsonl and qrels/<split>.tsv)")
+      raise EvaluatorConfigError("BeirEvaluator needs data_dir (a directory with corpus.jsonl, "
+                                 "queries.jsonl and qrels/<split>.tsv)")
     self.data_dir, self.split, self.lang = data_dir, split, lang
     self.name = name or os.path.basename(os.path.normpath(data_dir))
 
+  @classmethod
+  def from_spec(cls, name: str, spec: Mapping, **common) -> "BeirEvaluator":
+    return cls(spec.get("data_dir", ""), spec.get("split", "test"), spec.get("lang") or None,
+               name, **common)
+
   def _load_collection(self) -> collection_lib.Collection:
     return collection_lib.from_beir(self.data_dir, split=self.split, lang=self.lang, name=self.name)
+
+
+# type name -> class; read-only, so that no caller grows a private list of its own.
+EVALUATOR_CLASSES: Mapping[str, type[GridEvaluator]] = types.MappingProxyType({
+    cls.type_name: cls
+    for cls in (LareqaEvaluator, BeirEvaluator, synthetic_eval.SyntheticEvaluator)})
+EVALUATOR_TYPES: tuple[str, ...] = tuple(EVALUATOR_CLASSES)
 
 
 def scalar_metrics(results: dict, prefix: str = "") -> dict[str, float]:
@@ -221,34 +110,37 @@ def scalar_metrics(results: dict, prefix: str = "") -> dict[str, float]:
   return out
 
 
+def build_evaluator(name: str | None, spec: Mapping, *, query_prefix: str = "Query: ",
+                    passage_prefix: str = "Passage: ", mesh=None, show_progress: bool = True,
+                    normalize: bool = True, where: str = "config.evals") -> GridEvaluator:
+  """The evaluator of one spec (see `build_evaluators`).
+
+  `name` is the spec's config.evals key (a BEIR evaluator's report name; None: the directory's
+  name); `where` says in errors where the spec came from."""
+  spec = dict(spec)
+  kind = spec.get("type")
+  cls = EVALUATOR_CLASSES.get(kind)
+  if cls is None:
+    field = f"{where}.{name}.type" if name is not None else f"{where} type"
+    raise UnknownEvaluatorTypeError(f"{field} = {kind!r}; expected one of {EVALUATOR_TYPES}")
+  common = dict(query_prefix=spec.get("query_prefix") or query_prefix,
+                passage_prefix=spec.get("passage_prefix") or passage_prefix,
+                groups={k: tuple(v) for k, v in dict(spec.get("groups") or {}).items()},
+                normalize=normalize, mesh=mesh, show_progress=show_progress)
+  return cls.from_spec(name, spec, **common)
+
+
 def build_evaluators(evals_config: Mapping, *, query_prefix: str = "Query: ",
                      passage_prefix: str = "Passage: ", mesh=None,
                      show_progress: bool = True) -> dict[str, GridEvaluator]:
   """Evaluators from `config.evals` (eval/defaults.py): name -> spec with a `type`.
 
-  Specs: type "lareqa" (dataset, data_dir, languages, candidate_context) or "beir" (data_dir,
-  split, lang); both take groups; query_prefix / passage_prefix override the arguments when
-  non-empty. `every_steps` is read by the trainer, not here.
+  Specs: type "lareqa" (dataset, data_dir, languages, candidate_context), "beir" (data_dir,
+  split, lang) or "synthetic" (synthetic: the generator fields, see
+  synthetic_eval.complete_spec); all take groups; query_prefix / passage_prefix override the
+  arguments when non-empty. `every_steps` is read by eval/periodic.py, not here.
   """
-  evaluators = {}
-  for name, spec in dict(evals_config).items():
-    spec = dict(spec)
-    kind = spec.get("type")
-    common = dict(query_prefix=spec.get("query_prefix") or query_prefix,
-                  passage_prefix=spec.get("passage_prefix") or passage_prefix,
-                  groups={k: tuple(v) for k, v in dict(spec.get("groups") or {}).items()},
-                  mesh=mesh, show_progress=show_progress)
-    if kind == "lareqa":
-      evaluators[name] = LareqaEvaluator(
-          spec.get("dataset", "xquad-r"), spec.get("data_dir", ""),
-          tuple(spec.get("languages") or ()), bool(spec.get("candidate_context", False)), **common)
-    elif kind == "beir":
-      evaluators[name] = BeirEvaluator(spec.get("data_dir", ""), spec.get("split", "test"),
-                                       spec.get("lang") or None, name, **common)
-    elif kind == "synthetic":  # the built-in synthetic data's held-out ids (eval/synthetic_eval.py)
-      from hybrid_jax.eval import synthetic_eval  # pylint: disable=g-import-not-at-top
-      evaluators[name] = synthetic_eval.SyntheticEvaluator(spec.get("synthetic"), **common)
-    else:
-      raise ValueError(f"config.evals.{name}.type = {kind!r}; expected 'lareqa', 'beir' or "
-                       "'synthetic'")
-  return evaluators
+  return {name: build_evaluator(name, spec, query_prefix=query_prefix,
+                                passage_prefix=passage_prefix, mesh=mesh,
+                                show_progress=show_progress)
+          for name, spec in dict(evals_config).items()}

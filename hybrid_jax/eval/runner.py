@@ -8,6 +8,7 @@ directories) or one BEIR-format directory.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shlex
@@ -21,12 +22,19 @@ from hybrid_jax import errors
 from hybrid_jax.eval import embeddings_io
 from hybrid_jax.eval import evaluators as evaluators_lib
 from hybrid_jax.eval import report
+from hybrid_jax.eval import synthetic_eval
 
-DATASETS = evaluators_lib.LAREQA_DATASETS + ("beir", "synthetic")
+# --dataset: a LAReQA dataset name (type "lareqa"), or any other registered evaluator type.
+DATASETS = evaluators_lib.LAREQA_DATASETS + tuple(
+    t for t in evaluators_lib.EVALUATOR_TYPES if t != evaluators_lib.LareqaEvaluator.type_name)
 
 
 class EvaluateUsageError(errors.UserError):
   """The command line asks for something inconsistent."""
+
+
+class MissingPathError(EvaluateUsageError):
+  """A directory named on the command line does not exist (or is a file)."""
 
 
 @dataclasses.dataclass
@@ -105,6 +113,33 @@ def _validate(opts: RunOptions) -> None:
   if opts.embeddings and opts.export_embeddings:
     raise EvaluateUsageError("--export_embeddings writes embeddings computed by --model or "
                              "--workdir; with --embeddings they already exist")
+  _check_directories(opts)
+
+
+# flag -> (what a directory named by it holds, how else to get one), for the message when the
+# path is not a directory.
+_EXPECTED_DIRECTORIES = {
+    "model": ("a Hugging Face model directory (config.json, model.safetensors, tokenizer.json)",
+              "export a training run with `python -m hybrid_jax.export`"),
+    "workdir": ("a training run directory (config.json, encoder_config.json, tokenizer/, "
+                "checkpoints/)", "pass the --workdir the run was trained with"),
+    "embeddings": ("an embeddings directory (queries.npy, queries.uids.txt, candidates.npy, "
+                   "candidates.uids.txt)", "write one with --export_embeddings"),
+    "data_dir": ("the evaluation data (LAReQA: one <lang>.json per language; BEIR: corpus.jsonl, "
+                 "queries.jsonl, qrels/<split>.tsv)",
+                 "leave --data_dir out to read $HYBRID_JAX_DATA/<dataset> (LAReQA)"),
+}
+
+
+def _check_directories(opts: RunOptions) -> None:
+  """Every directory the user named exists, before any data or model is read."""
+  for flag, (expected, alternative) in _EXPECTED_DIRECTORIES.items():
+    path = getattr(opts, flag)
+    if not path or os.path.isdir(path):
+      continue
+    found = "a file" if os.path.exists(path) else "nothing there"
+    raise MissingPathError(f"--{flag}={path!r} is not a directory (found {found}); expected "
+                           f"{expected}. Check the path, or {alternative}.")
 
 
 def _run_data_config(opts: RunOptions) -> dict:
@@ -132,30 +167,58 @@ def _prefixes(opts: RunOptions) -> tuple[str, str]:
   return query, passage
 
 
+def evaluator_spec(opts: RunOptions) -> dict:
+  """The config.evals-style spec (eval/evaluators.py) of the command line's dataset flags."""
+  groups = {name: tuple(members) for name, members in dict(opts.groups).items()}
+  if opts.dataset in evaluators_lib.LAREQA_DATASETS:
+    return {"type": evaluators_lib.LareqaEvaluator.type_name, "dataset": opts.dataset,
+            "data_dir": opts.data_dir, "languages": tuple(opts.languages),
+            "candidate_context": opts.candidate_context, "groups": groups}
+  if opts.dataset == evaluators_lib.BeirEvaluator.type_name:
+    return {"type": opts.dataset, "data_dir": opts.data_dir, "split": opts.beir_split,
+            "lang": opts.languages[0] if opts.languages else None, "groups": groups}
+  # The run's generator spec: a :runlocal run's held-out ids exist only for the spec it used.
+  return synthetic_eval.complete_spec({"type": opts.dataset, "groups": groups},
+                                      _run_data_config(opts))
+
+
 def make_evaluator(opts: RunOptions) -> evaluators_lib.GridEvaluator:
   query_prefix, passage_prefix = _prefixes(opts)
-  common = dict(query_prefix=query_prefix, passage_prefix=passage_prefix, groups=opts.groups,
-                normalize=opts.normalize, show_progress=opts.show_progress)
-  if opts.dataset == "synthetic":
-    from hybrid_jax.eval import synthetic_eval  # pylint: disable=g-import-not-at-top
-    # The run's generator spec: a :runlocal run's held-out ids exist only for the spec it used.
-    return synthetic_eval.SyntheticEvaluator(_run_data_config(opts).get("synthetic"), **common)
-  if opts.dataset == "beir":
-    return evaluators_lib.BeirEvaluator(opts.data_dir, opts.beir_split,
-                                        opts.languages[0] if opts.languages else None, **common)
-  return evaluators_lib.LareqaEvaluator(opts.dataset, opts.data_dir, tuple(opts.languages),
-                                        opts.candidate_context, **common)
+  # name None: a BEIR set is named after its directory, every other type after its dataset.
+  return evaluators_lib.build_evaluator(
+      None, evaluator_spec(opts), query_prefix=query_prefix, passage_prefix=passage_prefix,
+      normalize=opts.normalize, show_progress=opts.show_progress, where="--dataset")
 
 
 def _file_stamp(directory: str) -> dict:
-  """Sizes and modification times of a model directory's files: the cache key of its outputs."""
+  """Sizes and modification times of a model directory's files: the cache key of its outputs.
+
+  Nanoseconds, not seconds: a model rewritten within the same second keeps every size (same
+  architecture), so whole seconds would let the cache serve the old model's embeddings."""
   stamp = {}
   for name in sorted(os.listdir(directory)):
     path = os.path.join(directory, name)
     if os.path.isfile(path):
       st = os.stat(path)
-      stamp[name] = [st.st_size, int(st.st_mtime)]
+      stamp[name] = [st.st_size, st.st_mtime_ns]
   return stamp
+
+
+def _params_digest(params) -> str:
+  """SHA-1 of a parameter tree's names, shapes, dtypes and bytes.
+
+  A workdir's step number does not identify its parameters (a run retrained in the same workdir
+  reaches the same steps), so the cache key holds the parameters themselves; hashing is about a
+  second per GB, small next to encoding a collection."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  digest = hashlib.sha1()
+  for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0],
+                           key=lambda item: jax.tree_util.keystr(item[0])):
+    array = np.ascontiguousarray(leaf)
+    digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}".encode())
+    digest.update(array.reshape(-1).view(np.uint8))  # the bytes, without a copy
+  return digest.hexdigest()
 
 
 def _passage_max_length(opts: RunOptions) -> int:
@@ -172,9 +235,6 @@ def _model_embedders(opts: RunOptions):
     raise EvaluateUsageError(f"--dtype={opts.dtype!r}; expected float32 or bfloat16")
   passage_len = _passage_max_length(opts)
   if opts.model:
-    if not os.path.isdir(opts.model):
-      raise EvaluateUsageError(f"--model={opts.model!r} is not a directory; expected a Hugging "
-                               "Face model directory (config.json, model.safetensors, tokenizer.json)")
     query_embedder = inference.TextEmbedder.from_pretrained(
         opts.model, pooling=opts.pooling or None, batch_size=opts.batch_size,
         max_length=opts.query_max_length, dtype=dtype)
@@ -185,15 +245,12 @@ def _model_embedders(opts: RunOptions):
   passage_embedder = inference.TextEmbedder(
       query_embedder.config, query_embedder.params, query_embedder.tokenizer,
       batch_size=opts.batch_size, max_length=passage_len, dtype=dtype)
-  key.update(pooling=opts.pooling, dtype=opts.dtype, query_max_length=opts.query_max_length,
-             passage_max_length=passage_len)
-
-  def embed_queries(texts, prefix):
-    return query_embedder.embed(texts, prefix=prefix, desc="embedding queries")
-
-  def embed_passages(texts, prefix):
-    return passage_embedder.embed(texts, prefix=prefix, desc="embedding candidates")
-
+  # The pooling that applies (the flag, else the model's own), so that editing a model's
+  # config.json or a workdir's encoder_config.json re-encodes too.
+  key.update(pooling=query_embedder.config.pooling, dtype=opts.dtype,
+             query_max_length=opts.query_max_length, passage_max_length=passage_len)
+  embed_queries, embed_passages = inference.embed_fns(query_embedder, passage_embedder,
+                                                      show_progress=opts.show_progress)
   return embed_queries, embed_passages, key, description
 
 
@@ -202,14 +259,11 @@ def _workdir_embedder(opts: RunOptions, dtype):
   from hybrid_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from hybrid_jax.models import inference  # pylint: disable=g-import-not-at-top
 
-  if not hasattr(checkpointing, "load_params"):
-    raise EvaluateUsageError(
-        "--workdir needs hybrid_jax.checkpointing.load_params(workdir, step), which this "
-        "version lacks; export the run with hybrid_jax.export and use --model=EXPORT_DIR")
   loaded = checkpointing.load_params(opts.workdir, opts.step)
   embedder = inference.TextEmbedder.from_params(loaded, batch_size=opts.batch_size,
                                                 max_length=opts.query_max_length, dtype=dtype)
-  key = {"workdir": os.path.abspath(opts.workdir), "step": str(getattr(loaded, "step", opts.step))}
+  key = {"workdir": os.path.abspath(opts.workdir), "step": str(loaded.step),
+         "params_sha1": _params_digest(loaded.params)}
   return embedder, key, f"workdir {opts.workdir} step {opts.step}"
 
 

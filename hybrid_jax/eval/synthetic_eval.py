@@ -8,7 +8,9 @@ settings over made-up languages whose scripts share no token, where cross-lingua
 be learned from X-Y pairs.
 
 Config spec (config.evals.<name>): type "synthetic", every_steps, groups, and `synthetic`: the
-generator fields (config.data.synthetic; the trainer fills it in when the spec leaves it empty).
+generator fields. A run's held-out ids exist only for the generator spec it trained on, so an empty
+`synthetic` is filled from the run's data section by `complete_spec` (the trainer's
+config.data, or the evaluate command's --config / the workdir's config.json).
 """
 
 from __future__ import annotations
@@ -18,17 +20,40 @@ from typing import Mapping
 
 from hybrid_jax.data import synthetic
 from hybrid_jax.eval import collection as collection_lib
-from hybrid_jax.eval import evaluators
+from hybrid_jax.eval import grid_evaluator
+
+TYPE_NAME = "synthetic"
 
 
-class SyntheticEvaluator(evaluators.GridEvaluator):
+def complete_spec(spec: Mapping, data_config: Mapping | None) -> dict:
+  """A copy of a config.evals spec whose empty `synthetic` field holds the run's generator fields.
+
+  `data_config` is the run's data section (ConfigDict or dict; None or {} when unknown). Specs of
+  other types, specs that set `synthetic`, and runs without a synthetic section come back as
+  they were (then SyntheticEvaluator uses the generator defaults)."""
+  spec = dict(spec)
+  if spec.get("type") != TYPE_NAME or spec.get("synthetic"):
+    return spec
+  fields = (data_config or {}).get("synthetic")
+  if fields:
+    spec["synthetic"] = fields.to_dict() if hasattr(fields, "to_dict") else dict(fields)
+  return spec
+
+
+class SyntheticEvaluator(grid_evaluator.GridEvaluator):
   """Grid evaluation on the synthetic test ids of one generator spec."""
+
+  type_name = TYPE_NAME
 
   def __init__(self, synthetic_config: Mapping | None = None, **kwargs):
     super().__init__(**kwargs)
     self.spec = synthetic.SyntheticSpec.from_config(dict(synthetic_config or {}))
     self.spec.validate()
     self.name = "synthetic"
+
+  @classmethod
+  def from_spec(cls, name: str, spec: Mapping, **common) -> "SyntheticEvaluator":
+    return cls(spec.get("synthetic"), **common)
 
   def _load_collection(self) -> collection_lib.Collection:
     with tempfile.TemporaryDirectory(prefix="hybrid_jax_synthetic_test_") as tmp:

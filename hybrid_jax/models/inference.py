@@ -12,6 +12,10 @@ first, and cut into batches of `batch_size`; each batch is padded to the next le
 and little compute goes to padding. The batch axis is sharded over every device of the mesh
 (batch_size is rounded up to a multiple of the device count; the last, partial batch is padded
 with empty rows), parameters are replicated. Rows are written back in input order.
+
+`set_params` swaps in new parameters of the same model (periodic evaluation during training keeps
+its embedders and their compiled shapes); `embed_fns` turns a query and a passage embedder into
+the `embed_fn(texts, prefix)` pair the evaluators take.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -138,8 +142,23 @@ class TextEmbedder:
     self.buckets = bucket_lengths(self.max_length)
     self.compiled_shapes: set[tuple[int, int]] = set()  # (rows, length) of the batches run
 
-    self._encode, replicated, self._batch_sharding = _encode_function(self.config, self.mesh)
-    self.params = jax.device_put(params, replicated)
+    self._encode, self._replicated, self._batch_sharding = _encode_function(self.config,
+                                                                             self.mesh)
+    self.params = None
+    self.set_params(params)
+
+  def set_params(self, params) -> None:
+    """Encodes with new parameters of the same architecture from now on (e.g. the trainer's
+    current ones), replicated on this embedder's mesh; every compiled shape is kept."""
+    if self.params is not None:
+      old_shapes = jax.tree.map(np.shape, self.params)
+      new_shapes = jax.tree.map(np.shape, params)
+      if jax.tree.structure(old_shapes) != jax.tree.structure(new_shapes) or (
+          jax.tree.leaves(old_shapes) != jax.tree.leaves(new_shapes)):
+        raise InferenceError("set_params: the new parameters do not have the tree structure and "
+                             "shapes of this embedder's model; build a new TextEmbedder for "
+                             "another architecture.")
+    self.params = jax.device_put(params, self._replicated)
 
   # --- construction ----------------------------------------------------------------------------
   @classmethod
@@ -220,3 +239,26 @@ class TextEmbedder:
                embedding: jax.Array) -> None:
     out[index] = np.asarray(embedding)[:len(index)]  # [rows, D] -> the real rows, input order
     progress.update(len(index), tokens)
+
+
+EmbedFn = Callable[[Sequence[str], str], np.ndarray]
+
+
+def embed_fns(query_embedder: TextEmbedder, passage_embedder: TextEmbedder | None = None, *,
+              show_progress: bool = False) -> tuple[EmbedFn, EmbedFn]:
+  """(embed_queries, embed_passages): the evaluators' `embed_fn(texts, prefix)` pair over two
+  embedders (the passage one usually with a longer max_length; default: the query one).
+
+  With `show_progress`, each prints progress and ETA on stderr as "embedding queries" /
+  "embedding candidates"."""
+  passage_embedder = passage_embedder or query_embedder
+
+  def embed_queries(texts: Sequence[str], prefix: str) -> np.ndarray:
+    return query_embedder.embed(texts, prefix=prefix,
+                                desc="embedding queries" if show_progress else None)
+
+  def embed_passages(texts: Sequence[str], prefix: str) -> np.ndarray:
+    return passage_embedder.embed(texts, prefix=prefix,
+                                  desc="embedding candidates" if show_progress else None)
+
+  return embed_queries, embed_passages

@@ -1,4 +1,5 @@
-"""Helpers of the evaluator tests: real-data paths, exact tie-free embeddings, scored grids."""
+"""Helpers of the evaluator tests: real-data paths, exact tie-free embeddings, scored grids, tiny
+collections (in memory and as a BEIR directory), a counting fake encoder, a tiny model."""
 
 from __future__ import annotations
 
@@ -44,6 +45,62 @@ def exact_embeddings(collection: collection_lib.Collection, seed: int = 0, dim: 
   q = np.concatenate([g_q * n, np.ones((len(g_q), 1))], axis=1).astype(np.float32)
   c = np.concatenate([g_c, perm[:, None]], axis=1).astype(np.float32)
   return q, c
+
+
+def tiny_collection(candidate_texts=None, query_texts=None) -> collection_lib.Collection:
+  """Two languages, two question ids: 4 queries, 4 candidates; LAReQA relevance (same id)."""
+  query_texts = query_texts or ["where is the cat", "wo ist die katze", "when was the war",
+                                "wann war der krieg"]
+  candidate_texts = candidate_texts or ["the cat is on the mat", "die katze ist auf der matte",
+                                        "the war ended in 1945", "der krieg endete 1945"]
+  langs = ["en", "de", "en", "de"]
+  return collection_lib.Collection(
+      name="tiny", languages=["en", "de"],
+      query_uids=["1_en", "1_de", "2_en", "2_de"], query_texts=list(query_texts),
+      query_langs=langs, candidate_uids=["1_en_c", "1_de_c", "2_en_c", "2_de_c"],
+      candidate_texts=list(candidate_texts), candidate_langs=langs,
+      relevant=[[(0, 1.0), (1, 1.0)], [(0, 1.0), (1, 1.0)], [(2, 1.0), (3, 1.0)],
+                [(2, 1.0), (3, 1.0)]])
+
+
+class CountingEmbedFn:
+  """embed_fn(texts, prefix) of a fake encoder: a vector that is a pure function of (prefix,
+  text, seed), and a record of every call as (prefix, number of texts)."""
+
+  def __init__(self, dim: int = 8, seed: int = 0):
+    self.dim, self.seed = dim, seed
+    self.calls: list[tuple[str, int]] = []
+
+  def __call__(self, texts, prefix):
+    import hashlib  # pylint: disable=g-import-not-at-top
+    self.calls.append((prefix, len(texts)))
+    rows = []
+    for text in texts:
+      digest = hashlib.sha256(f"{self.seed}|{prefix}|{text}".encode("utf-8")).digest()
+      rows.append(np.frombuffer(digest[:self.dim], np.uint8).astype(np.float32) - 127.5)
+    return np.stack(rows) if rows else np.zeros((0, self.dim), np.float32)
+
+
+def write_tiny_beir(directory: str) -> tuple[str, list[str]]:
+  """A BEIR-format directory (4 documents, 3 queries, qrels/test.tsv); returns it and its texts."""
+  import json  # pylint: disable=g-import-not-at-top
+
+  docs = {"d1": "the cat sat on the mat", "d2": "a dog runs in the park",
+          "d3": "rain falls on the city", "d4": "the sun shines over the sea"}
+  queries = {"q1": "where did the cat sit", "q2": "what does the dog do",
+             "q3": "what shines over the sea"}
+  qrels = [("q1", "d1"), ("q2", "d2"), ("q3", "d4")]
+  os.makedirs(os.path.join(directory, "qrels"), exist_ok=True)
+  with open(os.path.join(directory, "corpus.jsonl"), "w", encoding="utf-8") as f:
+    for doc_id, text in docs.items():
+      f.write(json.dumps({"_id": doc_id, "title": "", "text": text}) + "\n")
+  with open(os.path.join(directory, "queries.jsonl"), "w", encoding="utf-8") as f:
+    for query_id, text in queries.items():
+      f.write(json.dumps({"_id": query_id, "text": text}) + "\n")
+  with open(os.path.join(directory, "qrels", "test.tsv"), "w", encoding="utf-8") as f:
+    f.write("query-id\tcorpus-id\tscore\n")
+    f.writelines(f"{q}\t{d}\t1\n" for q, d in qrels)
+  return directory, list(docs.values()) + list(queries.values())
 
 
 class Scored:

@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import pytest
 
+from hybrid_jax import errors
 from hybrid_jax.eval import collection as collection_lib
 from hybrid_jax.eval import embeddings_io
 from hybrid_jax.eval import runner
@@ -216,6 +217,28 @@ def test_clear_errors(subset, tmp_path):
   assert result.returncode == 2
   assert "error: --model=" in result.stderr and "is not a directory" in result.stderr
   assert "Traceback" not in result.stderr
+
+
+def test_missing_directories_are_user_errors(tmp_path):
+  """Each directory flag is checked before any data or model is read; the message names the
+  flag, what is there, and what the directory should hold."""
+  (tmp_path / "a_file").write_text("not a directory")
+  for flag, expected in (("model", "Hugging Face model directory"),
+                         ("workdir", "training run directory"), ("embeddings", "queries.npy")):
+    with pytest.raises(runner.MissingPathError,
+                       match=rf"--{flag}=.*nowhere' is not a directory \(found nothing there\); "
+                             rf"expected .*{expected}"):
+      runner.run(runner.RunOptions(**{flag: str(tmp_path / "nowhere")}, show_progress=False))
+  with pytest.raises(runner.MissingPathError, match=r"--data_dir=.*a_file' is not a directory "
+                                                    r"\(found a file\).*corpus\.jsonl"):
+    runner.run(runner.RunOptions(embeddings=str(tmp_path), dataset="beir",
+                                 data_dir=str(tmp_path / "a_file"), show_progress=False))
+  assert issubclass(runner.MissingPathError, errors.UserError)
+  # A synthetic run's generator comes from the workdir's config.json: a missing workdir must not
+  # fall back to the default generator's ids.
+  with pytest.raises(runner.MissingPathError, match=r"--workdir="):
+    runner.run(runner.RunOptions(dataset="synthetic", workdir=str(tmp_path / "nowhere"),
+                                 show_progress=False))
 
 
 def test_evaluate_workdir_source(subset, tmp_path):

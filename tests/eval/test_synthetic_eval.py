@@ -38,3 +38,21 @@ def test_synthetic_evaluator_reads_the_held_out_ids_and_scores_an_oracle_perfect
   results = evaluator.evaluate(embed)
   for setting in ("monolingual", "cross_lingual", "multilingual"):
     assert results["summary"][setting]["map"] == 1.0, setting
+
+
+def test_complete_spec_fills_an_empty_synthetic_spec_from_the_run():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from hybrid_jax.eval import synthetic_eval  # pylint: disable=g-import-not-at-top
+
+  run_fields = {"num_languages": 2, "seed": 5}
+  data = ml_collections.ConfigDict({"synthetic": run_fields})
+  spec = {"type": "synthetic", "every_steps": 0}
+  completed = synthetic_eval.complete_spec(spec, data)
+  assert completed == {**spec, "synthetic": run_fields} and "synthetic" not in spec  # a copy
+  assert isinstance(completed["synthetic"], dict)
+  assert synthetic_eval.complete_spec(spec, {"synthetic": run_fields}) == completed
+  own = {"type": "synthetic", "synthetic": {"seed": 9}}
+  assert synthetic_eval.complete_spec(own, data) == own
+  assert synthetic_eval.complete_spec({"type": "lareqa"}, data) == {"type": "lareqa"}
+  assert synthetic_eval.complete_spec(spec, {}) == spec  # no synthetic section: defaults apply
+  assert synthetic_eval.complete_spec(spec, None) == spec

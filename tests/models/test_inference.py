@@ -111,3 +111,43 @@ def test_clear_errors(pretrained, tmp_path):
     embedder.embed(["fine", None])
   with pytest.raises(hf_checkpoint.CheckpointError, match=r"does not exist"):
     inference.TextEmbedder.from_pretrained(str(tmp_path / "nowhere"))
+
+
+def test_set_params_swaps_the_weights_and_keeps_the_compiled_shapes(pretrained):
+  texts = _texts(12, seed=3, max_words=12)
+  embedder = inference.TextEmbedder(pretrained.config, pretrained.params, pretrained.tokenizer,
+                                    batch_size=8, max_length=16)
+  before = embedder.embed(texts)
+  shapes = set(embedder.compiled_shapes)
+  rng = np.random.default_rng(0)
+  other = jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(x.dtype),
+                       pretrained.params)
+  embedder.set_params(other)
+  after = embedder.embed(texts)
+  fresh = inference.TextEmbedder(pretrained.config, other, pretrained.tokenizer, batch_size=8,
+                                 max_length=16).embed(texts)
+  np.testing.assert_allclose(after, fresh, atol=1e-6)
+  assert np.abs(after - before).max() > 1e-3 and embedder.compiled_shapes == shapes
+  with pytest.raises(inference.InferenceError, match=r"tree structure and shapes"):
+    embedder.set_params({"embeddings": np.zeros(3, np.float32)})
+  with pytest.raises(inference.InferenceError, match=r"tree structure and shapes"):
+    embedder.set_params(jax.tree.map(lambda x: np.zeros(x.shape + (1,), x.dtype), other))
+
+
+def test_embed_fns_pair_the_query_and_passage_embedders(pretrained, capsys):
+  texts = _texts(10, seed=4, max_words=30)
+  short = inference.TextEmbedder(pretrained.config, pretrained.params, pretrained.tokenizer,
+                                 batch_size=8, max_length=8)
+  long = inference.TextEmbedder(pretrained.config, pretrained.params, pretrained.tokenizer,
+                                batch_size=8, max_length=16)
+  embed_queries, embed_passages = inference.embed_fns(short, long)
+  np.testing.assert_array_equal(embed_queries(texts, "Query: "), short.embed(texts, "Query: "))
+  np.testing.assert_array_equal(embed_passages(texts, "P: "), long.embed(texts, "P: "))
+  assert capsys.readouterr().err == ""  # quiet unless asked
+  _, same = inference.embed_fns(short)  # one embedder for both sides
+  np.testing.assert_array_equal(same(texts, ""), short.embed(texts))
+  loud_queries, loud_passages = inference.embed_fns(short, long, show_progress=True)
+  loud_queries(texts, "")
+  loud_passages(texts, "")
+  err = capsys.readouterr().err
+  assert "embedding queries: 10/10 texts" in err and "embedding candidates: 10/10 texts" in err

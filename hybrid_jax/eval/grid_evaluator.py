@@ -1,0 +1,183 @@
+"""The grid evaluator: encode a collection with any embedding function (cached), score, report.
+
+`GridEvaluator` holds everything that does not depend on where a collection comes from; its
+subclasses (eval/evaluators.py: LAReQA and BEIR directories, eval/synthetic_eval.py: the synthetic
+data's held-out ids) only say how the collection is read and how a `config.evals` spec maps to
+their arguments (`from_spec`). The registry of those types is eval/evaluators.py; this module
+imports none of them, so that every subclass module can import it without a circle.
+
+`embed_fn(texts, prefix) -> np.ndarray [N, D] float32`: the texts in order, the prefix ("Query: ",
+"Passage: ") to prepend. The collection is read lazily, on the first use. Embeddings are
+L2-normalised before scoring (cosine similarity, PAPER.md) unless `normalize=False`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from hybrid_jax import errors
+from hybrid_jax.eval import collection as collection_lib
+from hybrid_jax.eval import embeddings_io
+from hybrid_jax.eval import grid as grid_lib
+from hybrid_jax.eval import metrics as metrics_lib
+from hybrid_jax.eval import report
+
+EmbedFn = Callable[[Sequence[str], str], np.ndarray]
+
+
+class EvaluatorConfigError(errors.UserError):
+  """An evaluator spec (config.evals.<name> or the evaluate command line) cannot be built."""
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+  norm = np.linalg.norm(x, axis=1, keepdims=True)
+  return x / np.maximum(norm, 1e-12)
+
+
+def _texts_digest(prefix: str, texts: Sequence[str]) -> str:
+  digest = hashlib.sha1(prefix.encode("utf-8"))
+  for t in texts:
+    digest.update(b"\x00" + t.encode("utf-8"))
+  return digest.hexdigest()
+
+
+def _check_embeddings(x: np.ndarray, n: int, kind: str) -> np.ndarray:
+  x = np.asarray(x, np.float32)
+  if x.ndim != 2 or len(x) != n:
+    raise embeddings_io.EmbeddingsError(
+        f"embed_fn returned {kind} embeddings of shape {x.shape}, expected [{n}, dim]")
+  if not np.isfinite(x).all():
+    raise embeddings_io.EmbeddingsError(f"embed_fn returned NaN or inf {kind} embeddings")
+  return x
+
+
+class GridEvaluator:
+  """Scores one collection on the full grid. Subclasses say how the collection is read."""
+
+  name = "grid"
+  type_name = ""  # the `type` of config.evals specs that build this class ("" = not buildable)
+
+  def __init__(self, collection: collection_lib.Collection | None = None, *,
+               query_prefix: str = "Query: ", passage_prefix: str = "Passage: ",
+               groups: Mapping[str, Sequence[str]] | None = None, normalize: bool = True,
+               mesh=None, show_progress: bool = True):
+    self._collection = collection
+    self.query_prefix = query_prefix
+    self.passage_prefix = passage_prefix
+    self.groups = {k: tuple(v) for k, v in (groups or {}).items()}
+    self.normalize = normalize
+    self.mesh = mesh
+    self.show_progress = show_progress
+
+  @classmethod
+  def from_spec(cls, name: str, spec: Mapping, **common) -> "GridEvaluator":
+    """The evaluator of one config.evals spec; `common` holds the GridEvaluator arguments
+    (prefixes, groups, normalize, mesh, show_progress) already resolved by the registry."""
+    raise NotImplementedError(f"{cls.__name__} cannot be built from a config.evals spec")
+
+  # --- the collection, read on first use ---------------------------------------------------------
+  def _load_collection(self) -> collection_lib.Collection:
+    """Reads the collection; only subclasses know from where."""
+    raise ValueError("GridEvaluator was built without a collection: pass collection=... or use "
+                     "LareqaEvaluator / BeirEvaluator, which read theirs from files")
+
+  @property
+  def collection(self) -> collection_lib.Collection:
+    if self._collection is None:
+      self._collection = self._load_collection()
+    return self._collection
+
+  # --- encoding ----------------------------------------------------------------------------------
+  def embed(self, embed_fn: EmbedFn, cache_dir: str | None = None,
+            cache_key: Mapping | None = None, passage_embed_fn: EmbedFn | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Query and candidate embeddings [Q, D], [N, D]; reuses `cache_dir` when its key matches.
+
+    `passage_embed_fn` (default: `embed_fn`) encodes the candidates, e.g. with a longer maximum
+    length. The cache is the embeddings exchange format plus `<kind>.meta.json` holding
+    `cache_key` (which must identify the encoder) and a digest of the prefixed texts.
+    """
+    col = self.collection
+    out = []
+    for kind, uids, texts, prefix, fn in (
+        ("queries", col.query_uids, col.query_texts, self.query_prefix, embed_fn),
+        ("candidates", col.candidate_uids, col.candidate_texts, self.passage_prefix,
+         passage_embed_fn or embed_fn)):
+      meta = None
+      if cache_dir is not None and cache_key is not None:
+        meta = {"key": dict(cache_key), "prefix": prefix, "texts_sha1": _texts_digest(prefix, texts),
+                "num": len(texts)}
+        cached = self._read_cache(cache_dir, kind, meta, uids)
+        if cached is not None:
+          out.append(cached)
+          continue
+      start = time.time()
+      emb = _check_embeddings(fn(list(texts), prefix), len(texts), kind)
+      if self.show_progress:
+        print(f"embedded {len(texts)} {kind} in {time.time() - start:.1f}s", file=sys.stderr)
+      if meta is not None:
+        embeddings_io.save(cache_dir, kind, uids, emb, meta)
+      out.append(emb)
+    if out[0].shape[1] != out[1].shape[1]:
+      raise embeddings_io.EmbeddingsError(
+          f"query embeddings have width {out[0].shape[1]}, candidate embeddings "
+          f"{out[1].shape[1]}: both must come from the same encoder")
+    return out[0], out[1]
+
+  def _read_cache(self, cache_dir: str, kind: str, meta: dict, uids: Sequence[str]):
+    meta_path = os.path.join(cache_dir, f"{kind}.meta.json")
+    if not os.path.isfile(meta_path):
+      return None
+    try:
+      with open(meta_path, encoding="utf-8") as f:
+        if json.load(f) != json.loads(json.dumps(meta)):
+          return None
+      cached_uids, emb = embeddings_io.load(cache_dir, kind)
+    except (OSError, ValueError):
+      return None  # a stale or damaged cache is recomputed, never trusted
+    if list(cached_uids) != list(uids):
+      return None
+    if self.show_progress:
+      print(f"reusing cached {kind} embeddings from {cache_dir}", file=sys.stderr)
+    return emb
+
+  # --- scoring -------------------------------------------------------------------------------------
+  def score(self, query_emb: np.ndarray, candidate_emb: np.ndarray
+            ) -> tuple[metrics_lib.PerQueryMetrics, dict]:
+    """Per-query metrics of every setting and the results dict (results.json schema)."""
+    col = self.collection
+    query_emb = _check_embeddings(query_emb, col.num_queries, "query")
+    candidate_emb = _check_embeddings(candidate_emb, col.num_candidates, "candidate")
+    if query_emb.shape[1] != candidate_emb.shape[1]:
+      raise embeddings_io.EmbeddingsError(
+          f"query embeddings have width {query_emb.shape[1]} but candidate embeddings have "
+          f"width {candidate_emb.shape[1]}; both must come from the same encoder.")
+    if self.normalize:
+      query_emb, candidate_emb = _normalize(query_emb), _normalize(candidate_emb)
+    per_query = metrics_lib.score_grid(
+        query_emb, candidate_emb, col.lang_index(col.candidate_langs), len(col.languages),
+        col.relevance_arrays(), mesh=self.mesh, show_progress=self.show_progress)
+    return per_query, grid_lib.summarize(col, per_query, self.groups)
+
+  def evaluate(self, embed_fn: EmbedFn, output_dir: str | None = None, *,
+               passage_embed_fn: EmbedFn | None = None, cache_dir: str | None = None,
+               cache_key: Mapping | None = None, header_lines: Sequence[str] = (),
+               meta: dict | None = None) -> dict:
+    """Encodes, scores and (with `output_dir`) writes every report file. Returns the results."""
+    q_emb, c_emb = self.embed(embed_fn, cache_dir, cache_key, passage_embed_fn)
+    return self.evaluate_embeddings(q_emb, c_emb, output_dir, header_lines=header_lines, meta=meta)
+
+  def evaluate_embeddings(self, query_emb: np.ndarray, candidate_emb: np.ndarray,
+                          output_dir: str | None = None, *, header_lines: Sequence[str] = (),
+                          meta: dict | None = None) -> dict:
+    per_query, results = self.score(query_emb, candidate_emb)
+    if output_dir:
+      report.write_all(output_dir, self.collection, per_query, results, header_lines, meta)
+    return results
