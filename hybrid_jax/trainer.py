@@ -43,10 +43,9 @@ from hybrid_jax import native_log
 from hybrid_jax import sharding
 from hybrid_jax import train_metrics
 from hybrid_jax import train_step as train_step_lib
+from hybrid_jax.eval import evaluators as evaluators_lib
+from hybrid_jax.eval import periodic
 from hybrid_jax.models import encoder as encoder_lib
-
-EVALUATOR_TYPES = ("lareqa", "beir", "synthetic")
-
 
 class TrainConfigError(errors.UserError):
   """The experiment config cannot be trained as given; the message says what to change."""
@@ -104,9 +103,9 @@ def validate_config(config, workdir: str, *, num_devices: int | None = None,
   checkpointing.check_init_from(config.model.get("init_from", ""),
                                 config.model.get("backbone", ""))
   for name, spec in dict(config.get("evals") or {}).items():
-    if spec.get("type") not in EVALUATOR_TYPES:
+    if spec.get("type") not in evaluators_lib.EVALUATOR_TYPES:
       raise TrainConfigError(f"config.evals.{name}.type={spec.get('type')!r}; expected one of "
-                             f"{EVALUATOR_TYPES}")
+                             f"{evaluators_lib.EVALUATOR_TYPES}")
     if int(spec.get("every_steps", 0)) < -1:
       raise TrainConfigError(f"config.evals.{name}.every_steps must be >= 0 (0 = at the end) or "
                              "-1 (switched off)")
@@ -142,104 +141,6 @@ def _host_params(params, mesh) -> Any:
   """A full float32 NumPy copy of (possibly sharded, possibly multi-host) parameters."""
   full = _replicate_fn(mesh)(params)
   return jax.tree.map(lambda x: np.asarray(x.addressable_data(0), np.float32), full)
-
-
-# --- evaluators -----------------------------------------------------------------------------------
-_EMBEDDERS: dict = {}  # (encoder config, tokenizer, max_length, batch) -> inference.TextEmbedder
-
-
-class _Evaluation:
-  """config.evals, built before training (bad paths fail early), run with the current params."""
-
-  def __init__(self, config, workdir: str, encoder_config, tokenizer):
-    from hybrid_jax.eval import evaluators as evaluators_lib  # pylint: disable=g-import-not-at-top
-
-    specs = {}
-    for name, spec in dict(config.get("evals") or {}).items():
-      spec = dict(spec)
-      if int(spec.get("every_steps", 0)) == -1:  # switched off from the command line
-        continue
-      if spec.get("type") == "synthetic" and not spec.get("synthetic"):
-        spec["synthetic"] = dict(config.data.synthetic)
-      specs[name] = spec
-    self.every = {name: int(spec.get("every_steps", 0)) for name, spec in specs.items()}
-    self.evaluators = evaluators_lib.build_evaluators(
-        specs, query_prefix=config.data.query_prefix, passage_prefix=config.data.passage_prefix)
-    for evaluator in self.evaluators.values():
-      _ = evaluator.collection  # read and validate the data now, not after hours of training
-    from hybrid_jax.eval import defaults as eval_defaults  # pylint: disable=g-import-not-at-top
-    for name in eval_defaults.in_domain_evals(specs, config.data):
-      _log(f"warning: evaluator {name!r} scores {config.data.path!r}, the data this run trains on "
-           "(in-domain). The paper keeps evaluation sets out of training; remove it with "
-           f"--config.evals.{name}.every_steps=-1 or train on other data.")
-    self.scalar_metrics = evaluators_lib.scalar_metrics
-    self.workdir = workdir
-    self.results: dict[str, dict] = {}
-    self._embedder_args = dict(config=encoder_config, tokenizer=tokenizer,
-                               batch_size=int(config.train.get("eval_batch_size", 128)),
-                               dtype=encoder_config.dtype)
-    self._tokenizer_key = hash(tokenizer.hf_tokenizer.to_str()) if self.evaluators else None
-    self._max_lengths = (config.data.query_max_length, config.data.passage_max_length)
-
-  def _embedders_with(self, encoder_params_host) -> tuple:
-    """Query and passage embedders holding the given parameters.
-
-    Embedders are cached per (encoder, tokenizer, length, batch), so their compiled shapes are
-    reused by later evaluations and by later runs in the same process."""
-    from hybrid_jax.models import inference  # pylint: disable=g-import-not-at-top
-    out = []
-    for length in self._max_lengths:
-      key = (self._embedder_args["config"], self._tokenizer_key, length,
-             self._embedder_args["batch_size"])
-      embedder = _EMBEDDERS.get(key)
-      if embedder is None:
-        embedder = inference.TextEmbedder(params=encoder_params_host, max_length=length,
-                                          **self._embedder_args)
-        while len(_EMBEDDERS) >= 4:
-          _EMBEDDERS.pop(next(iter(_EMBEDDERS)))
-        _EMBEDDERS[key] = embedder
-      else:
-        embedder.params = jax.device_put(
-            encoder_params_host,
-            jax.sharding.NamedSharding(embedder.mesh, jax.sharding.PartitionSpec()))
-      out.append(embedder)
-    return tuple(out)
-
-  def due(self, step: int, last_step: int, start_step: int) -> list[str]:
-    names = []
-    for name, every in self.every.items():
-      if step == last_step or (every > 0 and step % every == 0 and
-                               (step > start_step or step == 0)):
-        names.append(name)
-    return names
-
-  def run(self, names, step: int, encoder_params_host, writer) -> None:
-    query_embedder, passage_embedder = self._embedders_with(encoder_params_host)
-
-    def embed_queries(texts, prefix):
-      return query_embedder.embed(texts, prefix=prefix)
-
-    def embed_passages(texts, prefix):
-      return passage_embedder.embed(texts, prefix=prefix)
-
-    for name in names:
-      evaluator = self.evaluators[name]
-      output_dir = None
-      if jax.process_index() == 0 and not checkpointing.is_shared_path(self.workdir):
-        output_dir = os.path.join(self.workdir, "eval", f"{name}-step{step}")
-      started = time.time()
-      evaluator.show_progress = False
-      results = evaluator.evaluate(embed_queries, output_dir, passage_embed_fn=embed_passages,
-                                   header_lines=[f"Training run {self.workdir}, step {step}."])
-      self.results[name] = results
-      scalars = self.scalar_metrics(results, prefix=f"eval/{name}")
-      writer.write_scalars(step, scalars)
-      summary = results["summary"]
-      _log(f"eval {name} at step {step} ({time.time() - started:.1f}s): mAP "
-           + ", ".join(f"{setting} {summary[setting]['map']:.3f}" for setting in
-                       ("monolingual", "cross_lingual", "multilingual")
-                       if summary.get(setting) and "map" in summary[setting])
-           + (f"; files in {output_dir}" if output_dir else ""))
 
 
 # --- model, data and state ------------------------------------------------------------------------
@@ -449,7 +350,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   step = start_step = prepared.init.step if prepared.init.kind == "resume" else 0
   _log(f"{prepared.init.describe()}; training steps {start_step} -> {train.num_steps}")
   writer = _metric_writer(config, workdir, start_step)
-  evaluation = _Evaluation(config, workdir, encoder_config, prepared.tokenizer)
+  evaluation = periodic.PeriodicEvaluation(config, workdir, encoder_config, prepared.tokenizer,
+                                           log=_log)
   validation = ValidationLoss(fns.eval_step, [to_global(b) for b in data.validation_batches(
       train.batch_size, jax.process_index(), jax.process_count())], writer)
   # A resumed (or finished) run reports what its earlier part logged until it validates anew.
