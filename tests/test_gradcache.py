@@ -25,7 +25,9 @@ import pytest
 
 from hybrid_jax import losses
 from hybrid_jax import sharding
+from hybrid_jax import train_step
 from hybrid_jax.models import encoder as encoder_lib
+import train_helpers
 
 # Two layers, hidden 32, dropout on as in training (the presets' 0.1 for both rates).
 ENCODER = encoder_lib.EncoderConfig(
@@ -42,36 +44,13 @@ LOSS = losses.LossConfig(chunk_size=CHUNK, hard_negatives=True, symmetric=True,
 TOLERANCE = 1e-5
 
 
-def make_encode_fn(config):
-  """The trainer's encode fn (hybrid_jax/trainer.py make_encode_fn), copied so that this test
-  does not depend on the trainer module while it is restructured."""
-  model = encoder_lib.Encoder(config)
-
-  def encode(params, input_ids, attention_mask, rng):
-    rngs = {} if rng is None else {"dropout": rng}
-    return model.apply({"params": params}, input_ids, attention_mask, deterministic=rng is None,
-                       rngs=rngs).embedding
-  return encode
-
-
-ENCODE = make_encode_fn(ENCODER)
+ENCODE = train_step.make_encode_fn(ENCODER)  # the trainer's own encode fn
 
 
 def host_batch(seed=0):
   """Padded token ids of every tower; questions repeat in pairs so the same-id mask matters."""
-  rng = np.random.default_rng(seed)
-  batch = {}
-  for name, _ in TOWERS:
-    lengths = rng.integers(4, SEQ + 1, size=BATCH)
-    mask = (np.arange(SEQ)[None] < lengths[:, None]).astype(np.int32)
-    batch[f"{name}_input_ids"] = (rng.integers(1, ENCODER.vocab_size, size=(BATCH, SEQ)) * mask
-                                  ).astype(np.int32)
-    batch[f"{name}_attention_mask"] = mask
-  question_id = np.arange(BATCH, dtype=np.int32)
-  question_id[1::4] = question_id[0::4]
-  batch["question_id"] = question_id
-  batch["batch_type"] = (np.arange(BATCH) % 3).astype(np.int32)
-  return batch
+  return train_helpers.random_token_batch(seed, BATCH, {name: SEQ for name, _ in TOWERS},
+                                          ENCODER.vocab_size, min_length=4, num_batch_types=3)
 
 
 def chunk_rows(chunk):

@@ -10,6 +10,7 @@ from hybrid_jax import losses
 from hybrid_jax import sharding
 from hybrid_jax import train_step
 from hybrid_jax.models import encoder as encoder_lib
+import train_helpers
 
 ENCODER = encoder_lib.EncoderConfig(
     model_type="bert", vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -18,19 +19,8 @@ ENCODER = encoder_lib.EncoderConfig(
 
 
 def _batch(b, seed=0):
-  rng = np.random.default_rng(seed)
-  batch = {}
-  for name, length in (("query", 8), ("passage", 12), ("negative", 12)):
-    n = rng.integers(3, length + 1, size=b)
-    mask = (np.arange(length)[None] < n[:, None]).astype(np.int32)
-    batch[f"{name}_input_ids"] = (rng.integers(1, ENCODER.vocab_size, size=(b, length)) * mask
-                                  ).astype(np.int32)
-    batch[f"{name}_attention_mask"] = mask
-  qid = np.arange(b, dtype=np.int32)
-  qid[1::4] = qid[0::4]  # same id in two languages, every 4 rows
-  batch["question_id"] = qid
-  batch["batch_type"] = (np.arange(b) % 2).astype(np.int32)
-  return batch
+  return train_helpers.random_token_batch(seed, b, {"query": 8, "passage": 12, "negative": 12},
+                                          ENCODER.vocab_size, min_length=3, num_batch_types=2)
 
 
 def test_mesh_shape_resolves_and_rejects():

@@ -4,6 +4,8 @@ import importlib.util
 import os
 import sys
 
+import numpy as np
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 150
 # A smaller encoder than the runlocal default, to keep the suite fast; the same for every run, so
@@ -33,3 +35,23 @@ def cli_flags(workdir, batch_type="hybrid"):
   return ([sys.executable, "-m", "hybrid_jax.train",
            f"--config={os.path.join(REPO, 'configs', f'xlmr_{batch_type}.py')}:runlocal",
            f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in OVERRIDES.items()])
+
+
+def random_token_batch(seed: int, batch_size: int, lengths: dict, vocab_size: int,
+                       min_length: int, num_batch_types: int) -> dict:
+  """A padded batch of random token ids for the towers in `lengths` ({"query": 8, ...}), with
+  question ids repeating every 4 rows (the same question in two languages, so the same-id mask
+  matters) and batch types cycling over `num_batch_types`."""
+  rng = np.random.default_rng(seed)
+  batch = {}
+  for name, length in lengths.items():
+    real = rng.integers(min_length, length + 1, size=batch_size)
+    mask = (np.arange(length)[None] < real[:, None]).astype(np.int32)
+    batch[f"{name}_input_ids"] = (rng.integers(1, vocab_size, size=(batch_size, length)) * mask
+                                  ).astype(np.int32)
+    batch[f"{name}_attention_mask"] = mask
+  question_id = np.arange(batch_size, dtype=np.int32)
+  question_id[1::4] = question_id[0::4]
+  batch["question_id"] = question_id
+  batch["batch_type"] = (np.arange(batch_size) % num_batch_types).astype(np.int32)
+  return batch
