@@ -115,7 +115,9 @@ def build_config(backbone: str, batch_type: str, arg: str | None = None,
   config.seed = 0  # parameter init and dropout; data order has its own seed (data.seed)
   config.model = presets.model_config("tiny" if args.runlocal else backbone)
   # Full runs train on the real parallel QA pairs; :runlocal on the built-in synthetic data.
-  config.data = data_defaults.data_config(batch_type, real_data=not args.runlocal)
+  # The named backbone's prefixes, also for :runlocal (its tiny encoder stands in for the model).
+  config.data = data_defaults.data_config(batch_type, real_data=not args.runlocal,
+                                          prefixes=presets.input_prefixes(backbone))
   config.train = train_config()
   config.mesh = mesh_config()
   config.evals = eval_defaults.evals_config(

@@ -73,3 +73,15 @@ def test_full_configs_never_evaluate_on_their_training_data():
     assert eval_defaults.in_domain_evals(config.evals, data) == ["xquad_r"]
   assert sorted(eval_defaults.evals_config()) == ["mlqa_r", "xquad_r"]
 
+
+
+@pytest.mark.parametrize("arg", [None, "runlocal"])
+def test_input_prefixes_come_from_the_backbone_preset(arg):
+  """multilingual-e5 was trained with lower-case "query: " / "passage: " (its model card); the
+  backbones without prefixes of their own take the paper's E5-style capitalised ones."""
+  expected = {"me5": ("query: ", "passage: "), "xlmr": ("Query: ", "Passage: "),
+              "labse": ("Query: ", "Passage: ")}
+  for path in sorted(glob.glob(os.path.join(REPO, "configs", "*_*.py"))):
+    config = _load_config_file(path, arg)
+    family = os.path.basename(path).split("_")[0]
+    assert (config.data.query_prefix, config.data.passage_prefix) == expected[family], path

@@ -22,7 +22,10 @@ def synthetic_config() -> ml_collections.ConfigDict:
   return config
 
 
-def data_config(batch_type: str = "hybrid", real_data: bool = False) -> ml_collections.ConfigDict:
+def data_config(batch_type: str = "hybrid", real_data: bool = False, *,
+                prefixes: tuple[str, str]) -> ml_collections.ConfigDict:
+  """`config.data`. prefixes: (query, passage) input prefixes, the model's own
+  (models/presets.input_prefixes): training and evaluation of a run read them from here."""
   config = ml_collections.ConfigDict()
   # --- commonly changed ---
   config.batch_type = batch_type  # mono (X-X-mono) | xy (X-Y) | hybrid | mixed (row-level ablation)
@@ -35,8 +38,7 @@ def data_config(batch_type: str = "hybrid", real_data: bool = False) -> ml_colle
   config.language_temperature = 0.3  # "temperature" weighting: P(L) ~ (ids in L) ** T
   config.repeat_policy = "error"  # batch larger than a language's ids: error | repeat
   # --- inputs ---
-  config.query_prefix = "Query: "  # E5-style input prefixes (paper)
-  config.passage_prefix = "Passage: "
+  config.query_prefix, config.passage_prefix = prefixes  # the backbone's (presets.input_prefixes)
   config.query_max_length = 64 if real_data else 16  # tokens, special tokens included
   config.passage_max_length = 128 if real_data else 24  # raise (e.g. 256) with passage_with_context
   config.passage_with_context = False  # lareqa: passage = gold sentence + " " + its paragraph

@@ -12,6 +12,9 @@ from hybrid_jax.data import defaults
 from hybrid_jax.data import lareqa
 from hybrid_jax.data import sources
 from hybrid_jax.eval import collection as collection_lib
+from hybrid_jax.models import presets
+
+PREFIXES = presets.PAPER_PREFIXES
 
 # SOURCE.md tables: language -> (questions, candidate sentences).
 XQUAD_R_COUNTS = {"ar": (1190, 1222), "de": (1190, 1276), "el": (1190, 1234), "en": (1190, 1180),
@@ -109,7 +112,7 @@ def test_training_passages_and_eval_candidates_are_one_functions_text(with_conte
   if with_context:  # LAReQA's encoding: sentence first, then its paragraph
     candidate = parsed["en"].candidates[0]
     assert expected[candidate.uid] == f"{candidate.sentence} {candidate.context}"
-  config = defaults.data_config(real_data=True)
+  config = defaults.data_config(real_data=True, prefixes=PREFIXES)
   config.path, config.passage_with_context = "xquad-r", with_context
 
   def training_positives(corpus):  # gold uid of every (question id, language) -> its positive

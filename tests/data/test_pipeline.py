@@ -14,12 +14,15 @@ from hybrid_jax.data import defaults
 from hybrid_jax.data import pipeline
 from hybrid_jax.data import records
 from hybrid_jax.data import tokenization
+from hybrid_jax.models import presets
+
+PREFIXES = presets.PAPER_PREFIXES
 
 BATCH = 16
 
 
 def _small_config(**changes):
-  config = defaults.data_config("hybrid")
+  config = defaults.data_config("hybrid", prefixes=PREFIXES)
   config.synthetic.num_entities = 32
   config.synthetic.num_relations = 8
   config.hard_negatives = True

@@ -15,6 +15,9 @@ from hybrid_jax.data import lareqa
 from hybrid_jax.data import records
 from hybrid_jax.data import sampler as sampler_lib
 from hybrid_jax.data import sources
+from hybrid_jax.models import presets
+
+PREFIXES = presets.PAPER_PREFIXES
 
 DATA_ROOT = lareqa.default_data_root()
 
@@ -34,7 +37,7 @@ def _raw_id_languages(dataset: str) -> set[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def mlqa_config():
-  return defaults.data_config("hybrid", real_data=True)  # source lareqa, path "mlqa-r"
+  return defaults.data_config("hybrid", real_data=True, prefixes=PREFIXES)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +57,7 @@ def test_default_real_data_config_reads_mlqa_r_with_the_source_md_counts(mlqa_co
 
 
 def test_xquad_r_is_fully_parallel():
-  config = defaults.data_config(real_data=True)
+  config = defaults.data_config(real_data=True, prefixes=PREFIXES)
   config.path = "xquad-r"
   corpus = sources.load_corpus(config)
   assert corpus.num_examples == 1190 and len(corpus.languages) == 11
@@ -148,7 +151,7 @@ def test_jsonl_source_and_relative_paths(tmp_path, monkeypatch):
               for i in range(5)]
   records.write_jsonl(str(tmp_path / "pairs.jsonl"), examples)
   monkeypatch.setenv(lareqa.DATA_ENV_VAR, str(tmp_path))
-  config = defaults.data_config()
+  config = defaults.data_config(prefixes=PREFIXES)
   config.source, config.path = "jsonl", "pairs.jsonl"  # relative: found under $HYBRID_JAX_DATA
   corpus = sources.load_corpus(config)
   assert corpus.source == str(tmp_path / "pairs.jsonl")
@@ -162,7 +165,7 @@ def test_jsonl_source_and_relative_paths(tmp_path, monkeypatch):
 
 
 def test_synthetic_source_respects_language_selection():
-  config = defaults.data_config()
+  config = defaults.data_config(prefixes=PREFIXES)
   corpus = sources.load_corpus(config)
   assert corpus.languages == ("lat", "grk", "cyr", "arm")  # spec order, not alphabetical
   config.languages = ("cyr", "lat")

@@ -14,6 +14,9 @@ from hybrid_jax.data import lareqa
 from hybrid_jax.data import records
 from hybrid_jax.data import sources
 from hybrid_jax.data import tfds_builders
+from hybrid_jax.models import presets
+
+PREFIXES = presets.PAPER_PREFIXES
 
 ROOT = lareqa.default_data_root()
 
@@ -57,7 +60,7 @@ def test_mlqa_r_records(mlqa):
 
 
 def test_tfds_source_gives_the_same_corpus_as_the_lareqa_source(mlqa, data_dir):
-  config = defaults.data_config(real_data=True)  # lareqa, mlqa-r
+  config = defaults.data_config(real_data=True, prefixes=PREFIXES)  # lareqa, mlqa-r
   config.languages = ("en", "de", "zh")
   reference = sources.load_corpus(config)
   config.source, config.path, config.tfds_data_dir = "tfds", "mlqa_r", data_dir
@@ -71,7 +74,7 @@ def test_tfds_source_gives_the_same_corpus_as_the_lareqa_source(mlqa, data_dir):
 
 
 def test_with_context_config_is_prepared_on_demand(data_dir):
-  config = defaults.data_config(real_data=True)
+  config = defaults.data_config(real_data=True, prefixes=PREFIXES)
   config.passage_with_context = True
   reference = sources.load_corpus(config)
   config.source, config.path, config.tfds_data_dir = "tfds", "mlqa_r", data_dir
