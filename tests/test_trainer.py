@@ -376,3 +376,58 @@ def test_real_data_run_trains_on_mlqa_r_and_evaluates_on_xquad_r(tmp_path):
   assert xquad["summary"]["monolingual"]["num_queries"] == 2 * 1190
   assert xquad["summary"]["cross_lingual"]["num_settings"] == 2
   assert 0.0 < xquad["summary"]["monolingual"]["map"] < 1.0
+
+
+def test_non_default_prefixes_reach_training_evaluation_and_evaluate_workdir(tmp_path,
+                                                                            monkeypatch):
+  """The run's config.data prefixes are the only ones used: on the training queries and
+  passages, on the periodic evaluator's queries and candidates, and by `evaluate --workdir`."""
+  from hybrid_jax.data import tokenization  # pylint: disable=g-import-not-at-top
+  from hybrid_jax.eval import periodic  # pylint: disable=g-import-not-at-top
+  from hybrid_jax.eval import runner  # pylint: disable=g-import-not-at-top
+  prefixes = {"query": "QQ> ", "passage": "PP> "}
+  calls = []  # (phase, prefix, texts)
+  phase = ["train"]
+  token_ids = tokenization.Tokenizer.token_ids
+
+  def recording_token_ids(self, texts, max_length, prefix=""):
+    calls.append((phase[0], prefix, list(texts)))
+    return token_ids(self, texts, max_length, prefix)
+
+  run_evaluation = periodic.PeriodicEvaluation.run
+
+  def marked_run(self, *args, **kwargs):
+    phase[0] = "periodic"
+    try:
+      return run_evaluation(self, *args, **kwargs)
+    finally:
+      phase[0] = "train"
+
+  monkeypatch.setattr(tokenization.Tokenizer, "token_ids", recording_token_ids)
+  monkeypatch.setattr(periodic.PeriodicEvaluation, "run", marked_run)
+  config = runlocal_config("hybrid", **{
+      "train.num_steps": 20, "train.warmup_steps": 2, "train.log_every_steps": 10,
+      "data.query_prefix": prefixes["query"], "data.passage_prefix": prefixes["passage"]})
+  workdir = str(tmp_path / "run")
+  result = trainer.train_and_evaluate(config, workdir)
+  phase[0] = "evaluate --workdir"
+  scored = runner.run(runner.RunOptions(dataset="synthetic", workdir=workdir, step="last",
+                                        output_dir=str(tmp_path / "eval"), show_progress=False))
+
+  from hybrid_jax.eval import evaluators  # pylint: disable=g-import-not-at-top
+  collection = evaluators.build_evaluator(
+      "synthetic", periodic.evaluator_specs(config)["synthetic"]).collection
+  for name in ("train", "periodic", "evaluate --workdir"):
+    used = {}
+    for call_phase, prefix, texts in calls:
+      if call_phase == name:
+        used.setdefault(prefix, set()).update(texts)
+    assert set(used) == set(prefixes.values()), (name, sorted(used))
+    assert min(len(texts) for texts in used.values()) >= 100, name
+    if name != "train":  # queries with the query prefix, candidates with the passage prefix
+      assert used[prefixes["query"]] == set(collection.query_texts), name
+      assert used[prefixes["passage"]] == set(collection.candidate_texts), name
+  # evaluate --workdir scores exactly what the trainer scored (same prefixes, same params).
+  for setting in ("monolingual", "cross_lingual", "multilingual"):
+    assert abs(scored["summary"][setting]["map"]
+               - result["evals"]["synthetic"]["summary"][setting]["map"]) <= 1e-5, setting
