@@ -37,7 +37,7 @@ import os
 import signal
 import sys
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -52,6 +52,7 @@ from hybrid_jax.models import encoder as encoder_lib
 CONFIG_FILE = "config.json"
 ENCODER_CONFIG_FILE = "encoder_config.json"
 TOKENIZER_DIR = "tokenizer"
+TRAINING_LANGUAGES_FILE = "training_languages.json"
 CHECKPOINT_DIR = "checkpoints"
 BEST_DIR = "best"
 VALIDATION_METRIC = "validation_loss"
@@ -92,8 +93,10 @@ def _path(workdir: str, *names: str) -> epath.Path:
 
 # --- run files ------------------------------------------------------------------------------------
 def write_run_files(workdir: str, config, encoder_config: encoder_lib.EncoderConfig,
-                    tokenizer: tokenization.Tokenizer) -> None:
-  """config.json, encoder_config.json and tokenizer/ (process 0 only; others return)."""
+                    tokenizer: tokenization.Tokenizer,
+                    training_languages: Sequence[str] = ()) -> None:
+  """config.json, encoder_config.json, tokenizer/ and training_languages.json (the languages the
+  data resolved to; evaluation derives the "unseen" group from them). Process 0 only."""
   if jax.process_index() != 0:
     return
   root = epath.Path(workdir)
@@ -111,6 +114,7 @@ def write_run_files(workdir: str, config, encoder_config: encoder_lib.EncoderCon
   config_path.write_text(new_config)
   (root / ENCODER_CONFIG_FILE).write_text(
       json.dumps(encoder_config.to_hf_config(), indent=2, sort_keys=True))
+  (root / TRAINING_LANGUAGES_FILE).write_text(json.dumps(list(training_languages)))
   tok_dir = root / TOKENIZER_DIR
   tok_dir.mkdir(parents=True, exist_ok=True)
   (tok_dir / tokenization.TOKENIZER_FILE).write_text(tokenizer.hf_tokenizer.to_str())
@@ -134,6 +138,12 @@ def read_encoder_config(workdir: str) -> encoder_lib.EncoderConfig:
         f"{path} does not exist: {workdir!r} is not a hybrid_jax training workdir (expected "
         f"{CONFIG_FILE}, {ENCODER_CONFIG_FILE}, {TOKENIZER_DIR}/ and {CHECKPOINT_DIR}/).")
   return encoder_lib.EncoderConfig.from_hf_config(json.loads(path.read_text()))
+
+
+def read_training_languages(workdir: str) -> tuple[str, ...] | None:
+  """The languages a run trained on, or None for a workdir written before they were recorded."""
+  path = _path(workdir, TRAINING_LANGUAGES_FILE)
+  return tuple(json.loads(path.read_text())) if path.exists() else None
 
 
 def read_tokenizer(workdir: str) -> tokenization.Tokenizer:

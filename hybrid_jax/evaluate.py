@@ -56,8 +56,10 @@ _BATCH = flags.DEFINE_integer("batch_size", 128, "Texts per encoder batch (over 
 _POOLING = flags.DEFINE_enum("pooling", "", ["", "cls", "mean", "pooler"],
                              "Override the model's pooling.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Encoder compute dtype.")
-_GROUPS = flags.DEFINE_string("groups", "unseen=el+vi",
-                              "Language groups averaged in the summary: NAME=l1+l2;NAME2=...")
+_GROUPS = flags.DEFINE_string(
+    "groups", "", "Language groups averaged in the summary: NAME=l1+l2;NAME2=..., e.g. "
+    "low_resource=el+hi+th+tr+vi. With --workdir an 'unseen' group (the languages the run did not "
+    "train on) is added unless given here; a --model has no training languages to derive it from.")
 _NORMALIZE = flags.DEFINE_bool("normalize", True,
                                "L2-normalise embeddings before scoring (cosine similarity).")
 

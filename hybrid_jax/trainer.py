@@ -182,7 +182,8 @@ def prepare_model(config, workdir: str) -> Prepared:
     raise TrainConfigError(
         f"data.query_max_length/passage_max_length ({longest}) exceed the encoder's "
         f"{encoder_config.max_sequence_length} positions; lower them.")
-  checkpointing.write_run_files(workdir, config, encoder_config, data.tokenizer)
+  checkpointing.write_run_files(workdir, config, encoder_config, data.tokenizer,
+                                training_languages=data.languages)
   return Prepared(init, pretrained, data, data.tokenizer, encoder_config)
 
 
@@ -351,7 +352,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   _log(f"{prepared.init.describe()}; training steps {start_step} -> {train.num_steps}")
   writer = _metric_writer(config, workdir, start_step)
   evaluation = periodic.PeriodicEvaluation(config, workdir, encoder_config, prepared.tokenizer,
-                                           log=_log)
+                                           log=_log, training_languages=data.languages)
   validation = ValidationLoss(fns.eval_step, [to_global(b) for b in data.validation_batches(
       train.batch_size, jax.process_index(), jax.process_count())], writer)
   # A resumed (or finished) run reports what its earlier part logged until it validates anew.

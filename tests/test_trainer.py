@@ -364,7 +364,7 @@ def test_real_data_run_trains_on_mlqa_r_and_evaluates_on_xquad_r(tmp_path):
                      validation_batches=2)
   config.train.update(batch_size=32, num_steps=40, warmup_steps=4, learning_rate=1e-3,
                       log_every_steps=20, eval_every_steps=40, checkpoint_every_steps=40)
-  config.evals.xquad_r.languages = ("en", "de")
+  config.evals.xquad_r.languages = ("en", "de", "el")
   config.evals.xquad_r.every_steps = 0
   result = trainer.train_and_evaluate(config, str(tmp_path / "run"))
 
@@ -372,10 +372,16 @@ def test_real_data_run_trains_on_mlqa_r_and_evaluates_on_xquad_r(tmp_path):
   assert result["step"] == 40 and np.isfinite(metrics["loss"])
   assert metrics["validation/loss"] < metrics["validation/loss_at_start"], metrics
   xquad = result["evals"]["xquad_r"]
-  # 1190 questions per language; en->en, de->de, en->de, de->en.
-  assert xquad["summary"]["monolingual"]["num_queries"] == 2 * 1190
-  assert xquad["summary"]["cross_lingual"]["num_settings"] == 2
+  # 1190 questions per language; 3 mono settings, 6 cross-lingual ones.
+  assert xquad["summary"]["monolingual"]["num_queries"] == 3 * 1190
+  assert xquad["summary"]["cross_lingual"]["num_settings"] == 6
   assert 0.0 < xquad["summary"]["monolingual"]["map"] < 1.0
+  # "unseen" is derived: el is evaluated but not trained on (en, de, es are).
+  mono = xquad["summary"]["monolingual"]
+  assert mono["unseen/num_settings"] == 1
+  el_to_el = [s for s in xquad["settings"] if (s["query_lang"], s["candidate_lang"]) == ("el", "el")]
+  assert mono["unseen/map"] == pytest.approx(el_to_el[0]["map"])
+  assert checkpointing.read_training_languages(str(tmp_path / "run")) == ("en", "de", "es")
 
 
 def test_non_default_prefixes_reach_training_evaluation_and_evaluate_workdir(tmp_path,

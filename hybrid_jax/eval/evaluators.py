@@ -112,7 +112,8 @@ def scalar_metrics(results: dict, prefix: str = "") -> dict[str, float]:
 
 def build_evaluator(name: str | None, spec: Mapping, *, query_prefix: str = "Query: ",
                     passage_prefix: str = "Passage: ", mesh=None, show_progress: bool = True,
-                    normalize: bool = True, where: str = "config.evals") -> GridEvaluator:
+                    normalize: bool = True, where: str = "config.evals",
+                    training_languages: Sequence[str] | None = None) -> GridEvaluator:
   """The evaluator of one spec (see `build_evaluators`).
 
   `name` is the spec's config.evals key (a BEIR evaluator's report name; None: the directory's
@@ -126,13 +127,16 @@ def build_evaluator(name: str | None, spec: Mapping, *, query_prefix: str = "Que
   common = dict(query_prefix=spec.get("query_prefix") or query_prefix,
                 passage_prefix=spec.get("passage_prefix") or passage_prefix,
                 groups={k: tuple(v) for k, v in dict(spec.get("groups") or {}).items()},
-                normalize=normalize, mesh=mesh, show_progress=show_progress)
+                normalize=normalize, mesh=mesh, show_progress=show_progress,
+                training_languages=training_languages)
   return cls.from_spec(name, spec, **common)
 
 
 def build_evaluators(evals_config: Mapping, *, query_prefix: str = "Query: ",
                      passage_prefix: str = "Passage: ", mesh=None,
-                     show_progress: bool = True) -> dict[str, GridEvaluator]:
+                     show_progress: bool = True,
+                     training_languages: Sequence[str] | None = None
+                     ) -> dict[str, GridEvaluator]:
   """Evaluators from `config.evals` (eval/defaults.py): name -> spec with a `type`.
 
   Specs: type "lareqa" (dataset, data_dir, languages, candidate_context), "beir" (data_dir,
@@ -142,5 +146,6 @@ def build_evaluators(evals_config: Mapping, *, query_prefix: str = "Query: ",
   """
   return {name: build_evaluator(name, spec, query_prefix=query_prefix,
                                 passage_prefix=passage_prefix, mesh=mesh,
-                                show_progress=show_progress)
+                                show_progress=show_progress,
+                                training_languages=training_languages)
           for name, spec in dict(evals_config).items()}

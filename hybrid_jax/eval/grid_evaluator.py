@@ -58,6 +58,17 @@ def _check_embeddings(x: np.ndarray, n: int, kind: str) -> np.ndarray:
   return x
 
 
+UNSEEN_GROUP = "unseen"
+
+
+def unseen_languages(evaluation_languages: Sequence[str],
+                     training_languages: Sequence[str]) -> tuple[str, ...]:
+  """The evaluation languages never seen in fine-tuning, in evaluation order (e.g. training on
+  MLQA-R, ar de en es hi vi zh, evaluating on XQuAD-R: el ru th tr)."""
+  seen = set(training_languages)
+  return tuple(lang for lang in evaluation_languages if lang not in seen)
+
+
 class GridEvaluator:
   """Scores one collection on the full grid. Subclasses say how the collection is read."""
 
@@ -67,14 +78,29 @@ class GridEvaluator:
   def __init__(self, collection: collection_lib.Collection | None = None, *,
                query_prefix: str = "Query: ", passage_prefix: str = "Passage: ",
                groups: Mapping[str, Sequence[str]] | None = None, normalize: bool = True,
-               mesh=None, show_progress: bool = True):
+               mesh=None, show_progress: bool = True,
+               training_languages: Sequence[str] | None = None):
     self._collection = collection
+    # The languages the scored model was fine-tuned on (None: unknown, e.g. a zero-shot model):
+    # with them, the summaries also average over an "unseen" group (language_groups()).
+    self.training_languages = None if training_languages is None else tuple(training_languages)
     self.query_prefix = query_prefix
     self.passage_prefix = passage_prefix
     self.groups = {k: tuple(v) for k, v in (groups or {}).items()}
     self.normalize = normalize
     self.mesh = mesh
     self.show_progress = show_progress
+
+  def language_groups(self) -> dict[str, tuple[str, ...]]:
+    """The groups averaged in the summaries: the given ones, plus "unseen" = the collection's
+    languages the model was not fine-tuned on, when the training languages are known and the
+    given groups do not define "unseen" themselves."""
+    groups = dict(self.groups)
+    if self.training_languages is not None and UNSEEN_GROUP not in groups:
+      unseen = unseen_languages(self.collection.languages, self.training_languages)
+      if unseen:
+        groups[UNSEEN_GROUP] = unseen
+    return groups
 
   @classmethod
   def from_spec(cls, name: str, spec: Mapping, **common) -> "GridEvaluator":
@@ -164,7 +190,7 @@ class GridEvaluator:
     per_query = metrics_lib.score_grid(
         query_emb, candidate_emb, col.lang_index(col.candidate_langs), len(col.languages),
         col.relevance_arrays(), mesh=self.mesh, show_progress=self.show_progress)
-    return per_query, grid_lib.summarize(col, per_query, self.groups)
+    return per_query, grid_lib.summarize(col, per_query, self.language_groups())
 
   def evaluate(self, embed_fn: EmbedFn, output_dir: str | None = None, *,
                passage_embed_fn: EmbedFn | None = None, cache_dir: str | None = None,

@@ -64,7 +64,8 @@ class PeriodicEvaluation:
   """config.evals, built before training (bad paths fail early), run with the current params."""
 
   def __init__(self, config, workdir: str, encoder_config, tokenizer,
-               log: Callable[[str], None] = log_on_first_process):
+               log: Callable[[str], None] = log_on_first_process,
+               training_languages: Sequence[str] | None = None):
     """
     Args:
       config: the experiment config (evals, data prefixes / lengths / synthetic, train).
@@ -72,13 +73,15 @@ class PeriodicEvaluation:
       encoder_config: the architecture of the parameters `run` will get.
       tokenizer: the run's tokenizer (data.tokenization.Tokenizer).
       log: where the one-line summaries and warnings go.
+      training_languages: the languages the run trains on; the summaries then also average over
+        the evaluation languages not among them (an "unseen" group).
     """
     specs = evaluator_specs(config)
     self.every = {name: int(spec.get("every_steps", 0)) for name, spec in specs.items()}
     # Progress lines would interleave with the training log; the summary line says enough.
     self.evaluators: dict[str, evaluators_lib.GridEvaluator] = evaluators_lib.build_evaluators(
         specs, query_prefix=config.data.query_prefix, passage_prefix=config.data.passage_prefix,
-        show_progress=False)
+        show_progress=False, training_languages=training_languages)
     for evaluator in self.evaluators.values():
       _ = evaluator.collection  # read and validate the data now, not after hours of training
     self.log = log

@@ -65,14 +65,15 @@ class RunOptions:
 
 
 def parse_groups(text: str) -> dict[str, tuple[str, ...]]:
-  """ "unseen=el+vi;low=th+hi" -> {"unseen": ("el", "vi"), "low": ("th", "hi")}."""
+  """ "unseen=el+vi;low=th+hi" -> {"unseen": ("el", "vi"), "low": ("th", "hi")}; "" -> {}."""
   groups = {}
   for item in (text or "").split(";"):
     if not item.strip():
       continue
     name, eq, members = item.partition("=")
     if not eq or not name.strip() or not members.strip():
-      raise EvaluateUsageError(f"--groups item {item!r}: expected NAME=lang+lang, e.g. unseen=el+vi")
+      raise EvaluateUsageError(f"--groups item {item!r}: expected NAME=lang+lang, e.g. "
+                               "low_resource=el+hi+th+tr+vi")
     groups[name.strip()] = tuple(m.strip() for m in members.split("+") if m.strip())
   return groups
 
@@ -185,9 +186,13 @@ def evaluator_spec(opts: RunOptions) -> dict:
 def make_evaluator(opts: RunOptions) -> evaluators_lib.GridEvaluator:
   query_prefix, passage_prefix = _prefixes(opts)
   # name None: a BEIR set is named after its directory, every other type after its dataset.
+  # A training run's own languages give the "unseen" group (a zero-shot --model has none).
+  from hybrid_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  training_languages = checkpointing.read_training_languages(opts.workdir) if opts.workdir else None
   return evaluators_lib.build_evaluator(
       None, evaluator_spec(opts), query_prefix=query_prefix, passage_prefix=passage_prefix,
-      normalize=opts.normalize, show_progress=opts.show_progress, where="--dataset")
+      normalize=opts.normalize, show_progress=opts.show_progress, where="--dataset",
+      training_languages=training_languages)
 
 
 def _file_stamp(directory: str) -> dict:

@@ -49,3 +49,36 @@ def test_user_errors():
     evaluators.BeirEvaluator("")
   assert issubclass(evaluators.UnknownEvaluatorTypeError, errors.UserError)
   assert issubclass(evaluators.EvaluatorConfigError, errors.UserError)
+
+
+def test_unseen_group_is_derived_from_the_training_languages():
+  from hybrid_jax.eval import grid_evaluator  # pylint: disable=g-import-not-at-top
+  import eval_helpers  # pylint: disable=g-import-not-at-top
+  # Training on MLQA-R, evaluating on XQuAD-R: the paper's unseen languages are el, ru, th, tr.
+  xquad = ("ar", "de", "el", "en", "es", "hi", "ru", "th", "tr", "vi", "zh")
+  mlqa = ("ar", "de", "en", "es", "hi", "vi", "zh")
+  assert grid_evaluator.unseen_languages(xquad, mlqa) == ("el", "ru", "th", "tr")
+  assert grid_evaluator.unseen_languages(mlqa, xquad) == ()
+  collection = eval_helpers.tiny_collection()  # en, de
+  groups = lambda **kw: grid_evaluator.GridEvaluator(collection, **kw).language_groups()
+  assert groups() == {}  # training languages unknown (a zero-shot model): no unseen group
+  assert groups(training_languages=("en", "fr")) == {"unseen": ("de",)}
+  assert groups(training_languages=("en", "de")) == {}  # nothing unseen: no empty group
+  # User groups are kept; a user-given "unseen" wins over the derived one.
+  assert groups(training_languages=("en",), groups={"low": ("de",)}) == {
+      "low": ("de",), "unseen": ("de",)}
+  assert groups(training_languages=("en",), groups={"unseen": ("en",)}) == {"unseen": ("en",)}
+  built = evaluators.build_evaluator("x", {"type": "lareqa", "dataset": "xquad-r"},
+                                     training_languages=mlqa)
+  assert built.training_languages == mlqa
+
+
+def test_evaluate_workdir_takes_the_runs_training_languages(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  from hybrid_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  (tmp_path / checkpointing.TRAINING_LANGUAGES_FILE).write_text(json.dumps(["en", "de"]))
+  with_run = runner.make_evaluator(runner.RunOptions(dataset="xquad-r", workdir=str(tmp_path),
+                                                     show_progress=False))
+  assert with_run.training_languages == ("en", "de")
+  zero_shot = runner.make_evaluator(runner.RunOptions(dataset="xquad-r", show_progress=False))
+  assert zero_shot.training_languages is None
