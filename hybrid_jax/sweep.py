@@ -15,8 +15,8 @@ partial sweep is readable) the sweep writes to WORKDIR:
                      (monolingual, cross-lingual, multilingual) and the multilingual rank distance
   alpha_sweep.csv    the same rows, flat
   alpha_sweep.md     the table, with the alpha of the best multilingual mAP per evaluator (the
-                     paper's criterion; validation losses follow each run's own batch mix and
-                     are not comparable across alphas)
+                     paper's criterion; the validation losses, measured on the same batches for
+                     every alpha, are reported next to it)
   alpha_sweep.png    mAP per setting and rank distance against alpha, one panel per evaluator
 """
 
@@ -133,8 +133,8 @@ def _fmt(value, digits: int = 3) -> str:
 
 def best_alphas(rows: Sequence[dict]) -> dict[str, float]:
   """Per evaluator, the alpha of the highest multilingual mAP (the paper's selection criterion:
-  a held-out multilingual retrieval set). Validation losses are not compared: each run's
-  validation batches follow its own batch mix, so X-X-mono-only runs score easy mono batches."""
+  a held-out multilingual retrieval set). Validation losses (on identical batches for every
+  alpha, data.validation_batch_type) are reported but do not pick the alpha."""
   best = {}
   for name in _eval_names(rows):
     scored = [r for r in rows if (r["evals"].get(name) or {}).get("multilingual_map") is not None]

@@ -46,6 +46,10 @@ def data_config(batch_type: str = "hybrid", real_data: bool = False, *,
   # --- validation and order ---
   config.validation_fraction = 0.1  # question ids held out for validation loss (early stopping)
   config.validation_batches = 16  # fixed validation list length (covers batch types, languages)
+  # Validation batches are the same for every strategy (mono, xy, hybrid), so that validation
+  # losses and the best checkpoints they pick compare across runs; "" = the run's own batch type.
+  config.validation_batch_type = "hybrid"
+  config.validation_alpha = 0.5
   config.seed = 0  # batch t is a pure function of (seed, t)
   # --- input pipeline ---
   config.tf_threads = 4  # tf.data thread pool size (TF never touches accelerators)

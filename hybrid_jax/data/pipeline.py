@@ -216,8 +216,9 @@ class TrainingData:
                          process_count: int = 1) -> list[dict[str, np.ndarray]]:
     """The fixed list of data.validation_batches host-local batches of held-out ids ([] if none).
 
-    The list alternates the run's batch types (hybrid: mono, xy, mono, ...) and mono batches cycle
-    through the languages, so validation loss weighs every type and language evenly. Ids repeat
+    The list alternates the batch types of data.validation_batch_type (default hybrid: mono, xy,
+    mono, ...; the same batches whatever the run's own batch type, so strategies compare) and mono
+    batches cycle through the languages, so validation loss weighs every type and language evenly. Ids repeat
     within a batch when the held-out split is smaller than the batch (masked by question_id).
     """
     sampler_lib.host_batch_size(global_batch_size, process_count)

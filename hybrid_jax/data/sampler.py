@@ -172,11 +172,22 @@ class BatchSampler:
   @classmethod
   def from_config(cls, data_config, presence: np.ndarray, languages: Sequence[str],
                   rows: np.ndarray | None = None, validation: bool = False) -> "BatchSampler":
-    """The training (or, with validation=True, the validation) sampler of `config.data`."""
+    """The training (or, with validation=True, the validation) sampler of `config.data`.
+
+    Validation batches are of data.validation_batch_type / data.validation_alpha (default hybrid,
+    0.5: mono and X-Y batches alternating), the same for every training strategy, so that the
+    validation losses, and the best checkpoints chosen by them, of X-X-mono, X-Y and hybrid runs
+    are measured on identical batches. "" = the run's own batch type and alpha."""
     common = dict(rows=rows, batch_type=data_config.batch_type, alpha=data_config.alpha,
                   weighting=data_config.language_weighting,
                   temperature=data_config.language_temperature, seed=data_config.seed)
     if validation:
+      if data_config.get("validation_batch_type"):
+        if data_config.validation_batch_type not in BATCH_TYPES:
+          raise DataError(f"data.validation_batch_type must be one of {BATCH_TYPES} or '' (the "
+                          f"run's own), found {data_config.validation_batch_type!r}")
+        common.update(batch_type=data_config.validation_batch_type,
+                      alpha=float(data_config.get("validation_alpha", 0.5)))
       return cls(presence, languages, repeat_policy="repeat", stream=VALIDATION_STREAM,
                  allow_empty_languages=True, **common)
     return cls(presence, languages, repeat_policy=data_config.repeat_policy, **common)

@@ -185,3 +185,27 @@ def test_errors_come_before_any_batch(tmp_path):
   repeated = pipeline.TrainingData.from_config(config, tokenizer=tokenizer)
   batch = next(repeated.train_batches(40))
   assert len(set(batch["question_id"].tolist())) == 36  # every id once, then 4 repeats
+
+
+def test_validation_batches_are_the_same_for_every_strategy():
+  """Checkpoint choice by validation loss must be fair between X-X-mono, X-Y and hybrid: all
+  validate on identical batches (data.validation_batch_type, default hybrid at alpha 0.5)."""
+  batches = {}
+  for batch_type, alpha in (("mono", 0.5), ("xy", 0.5), ("hybrid", 0.2), ("mixed", 0.7)):
+    config = _small_config(batch_type=batch_type, alpha=alpha)
+    batches[batch_type] = pipeline.TrainingData.from_config(config).validation_batches(BATCH)
+  reference = batches["mono"]
+  types = [int(b["batch_type"][0]) for b in reference]
+  assert types == [0, 1] * (len(reference) // 2)  # mono, xy alternating
+  for batch_type, found in batches.items():
+    assert len(found) == len(reference)
+    for a, b in zip(reference, found):
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=f"{batch_type} {key}")
+  # "" = the run's own batch type (the former behaviour): a mono run validates on mono batches.
+  config = _small_config(batch_type="mono", validation_batch_type="")
+  own = pipeline.TrainingData.from_config(config).validation_batches(BATCH)
+  assert {int(t) for b in own for t in b["batch_type"]} == {0}
+  config.validation_batch_type = "bogus"
+  with pytest.raises(records.DataError, match="data.validation_batch_type must be one of"):
+    pipeline.TrainingData.from_config(config)
