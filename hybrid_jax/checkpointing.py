@@ -45,6 +45,7 @@ import orbax.checkpoint as ocp
 import tokenizers
 from etils import epath
 
+from hybrid_jax import config_lib
 from hybrid_jax import errors
 from hybrid_jax.data import tokenization
 from hybrid_jax.models import encoder as encoder_lib
@@ -104,9 +105,10 @@ def write_run_files(workdir: str, config, encoder_config: encoder_lib.EncoderCon
   config_path = root / CONFIG_FILE
   new_config = config.to_json_best_effort(indent=2, sort_keys=True)
   if config_path.exists():
-    old = json.loads(config_path.read_text())
-    changed = sorted(k for k in _flatten(json.loads(new_config)).keys() | _flatten(old).keys()
-                     if _flatten(json.loads(new_config)).get(k) != _flatten(old).get(k))
+    new_fields = config_lib.flatten(json.loads(new_config))
+    old_fields = config_lib.flatten(json.loads(config_path.read_text()))
+    changed = sorted(k for k in new_fields.keys() | old_fields.keys()
+                     if new_fields.get(k) != old_fields.get(k))
     if changed:
       print(f"note: the config differs from the one {workdir} was started with, in "
             f"{changed}; the previous one is kept as {CONFIG_FILE}.prev", file=sys.stderr)
@@ -120,15 +122,6 @@ def write_run_files(workdir: str, config, encoder_config: encoder_lib.EncoderCon
   (tok_dir / tokenization.TOKENIZER_FILE).write_text(tokenizer.hf_tokenizer.to_str())
   (tok_dir / tokenization.TOKENIZER_CONFIG_FILE).write_text(
       json.dumps({"pad_token": tokenizer.id_to_token(tokenizer.pad_token_id)}, indent=2))
-
-
-def _flatten(tree, prefix: str = "") -> dict:
-  if isinstance(tree, dict):
-    out = {}
-    for k, v in tree.items():
-      out.update(_flatten(v, f"{prefix}{k}."))
-    return out
-  return {prefix[:-1]: tree}
 
 
 def read_encoder_config(workdir: str) -> encoder_lib.EncoderConfig:

@@ -102,6 +102,16 @@ COMMON_ARGS = dict(
 )
 
 
+def flatten(tree, prefix: str = "") -> dict:
+  """A nested dict (a config's to_dict() or its JSON) as {"train.learning_rate": 3e-05, ...}."""
+  if isinstance(tree, dict):
+    out = {}
+    for key, value in tree.items():
+      out.update(flatten(value, f"{prefix}{key}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
 def build_config(backbone: str, batch_type: str, arg: str | None = None,
                  **extra_args) -> ml_collections.ConfigDict:
   """Assembles a full experiment config; configs/*.py are thin calls of this."""

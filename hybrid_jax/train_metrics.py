@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from hybrid_jax import config_lib
 from hybrid_jax import losses
 
 METRICS_FILE = "metrics.jsonl"
@@ -107,17 +108,17 @@ def logged_validation(workdir: str) -> dict[str, float]:
 def hparams_of(config) -> dict[str, Any]:
   """The config flattened to {"train.learning_rate": 3e-05, ...} for TensorBoard's HParams tab
   (which takes scalars only: tuples and lists become their string form)."""
-  flat = {}
+  flat = config_lib.flatten(config.to_dict() if hasattr(config, "to_dict") else dict(config))
+  return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat.items()}
 
-  def walk(tree, prefix):
-    for key, value in tree.items():
-      if isinstance(value, dict):
-        walk(value, f"{prefix}{key}.")
-      else:
-        scalar = isinstance(value, (bool, int, float, str))
-        flat[f"{prefix}{key}"] = value if scalar else str(value)
-  walk(config.to_dict() if hasattr(config, "to_dict") else dict(config), "")
-  return flat
+
+def per_type_losses(history: list[dict], prefix: str) -> dict[str, float]:
+  """{prefix + batch type: loss} over host-side step metrics, row-weighted over the rows of each
+  type (types with no rows are left out)."""
+  sums = np.sum([h["loss_per_type_sum"] for h in history], axis=0)
+  rows = np.sum([h["rows_per_type"] for h in history], axis=0)
+  return {f"{prefix}{name}": float(sums[t] / rows[t])
+          for t, name in enumerate(BATCH_TYPE_NAMES) if rows[t] > 0}
 
 
 def reduce_metrics(history: list[dict]) -> dict[str, float]:
@@ -127,11 +128,7 @@ def reduce_metrics(history: list[dict]) -> dict[str, float]:
   for key in ("loss", "accuracy", "grad_norm", "param_norm", "update_norm", "scale",
               "learning_rate"):
     out[key] = float(np.mean([h[key] for h in history]))
-  sums = np.sum([h["loss_per_type_sum"] for h in history], axis=0)
-  rows = np.sum([h["rows_per_type"] for h in history], axis=0)
-  for t, name in enumerate(BATCH_TYPE_NAMES):
-    if rows[t] > 0:
-      out[f"loss/{name}"] = float(sums[t] / rows[t])
+  out.update(per_type_losses(history, "loss/"))
   out["finite"] = bool(all(np.isfinite(h["loss"]) for h in history))
   return out
 

@@ -149,8 +149,7 @@ class Prepared:
   """What the loop needs before it builds the step: the weights source and the data it feeds."""
   init: checkpointing.InitSource
   pretrained: Any  # hf_checkpoint.LoadedModel or None
-  data: Any  # data.pipeline.TrainingData
-  tokenizer: Any  # data.tokenization.Tokenizer
+  data: Any  # data.pipeline.TrainingData (its .tokenizer is the run's)
   encoder_config: encoder_lib.EncoderConfig
 
 
@@ -184,7 +183,7 @@ def prepare_model(config, workdir: str) -> Prepared:
         f"{encoder_config.max_sequence_length} positions; lower them.")
   checkpointing.write_run_files(workdir, config, encoder_config, data.tokenizer,
                                 training_languages=data.languages)
-  return Prepared(init, pretrained, data, data.tokenizer, encoder_config)
+  return Prepared(init, pretrained, data, encoder_config)
 
 
 def _with_shardings(tree, shardings):
@@ -231,11 +230,7 @@ class ValidationLoss:
     history = jax.device_get([self.eval_step(params, b) for b in self.batches])
     out = {"validation/loss": float(np.mean([h["loss"] for h in history])),
            "validation/accuracy": float(np.mean([h["accuracy"] for h in history]))}
-    sums = np.sum([h["loss_per_type_sum"] for h in history], axis=0)
-    rows = np.sum([h["rows_per_type"] for h in history], axis=0)
-    for t, name in enumerate(losses.BATCH_TYPE_NAMES):
-      if rows[t] > 0:
-        out[f"validation/loss/{name}"] = float(sums[t] / rows[t])
+    out.update(train_metrics.per_type_losses(history, "validation/loss/"))
     if not math.isfinite(out["validation/loss"]):
       raise TrainingDivergedError(f"validation loss is {out['validation/loss']} at step {step}")
     self.writer.write_scalars(step, out)
@@ -351,7 +346,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   step = start_step = prepared.init.step if prepared.init.kind == "resume" else 0
   _log(f"{prepared.init.describe()}; training steps {start_step} -> {train.num_steps}")
   writer = _metric_writer(config, workdir, start_step)
-  evaluation = periodic.PeriodicEvaluation(config, workdir, encoder_config, prepared.tokenizer,
+  evaluation = periodic.PeriodicEvaluation(config, workdir, encoder_config, data.tokenizer,
                                            log=_log, training_languages=data.languages)
   validation = ValidationLoss(fns.eval_step, [to_global(b) for b in data.validation_batches(
       train.batch_size, jax.process_index(), jax.process_count())], writer)
