@@ -3,6 +3,7 @@ r"""Evaluates a retriever on the LAReQA grid (XQuAD-R, MLQA-R) or a BEIR-format 
     python -m hybrid_jax.evaluate --model=HF_DIR --dataset=xquad-r
     python -m hybrid_jax.evaluate --config=configs/xlmr_hybrid.py --workdir=DIR [--step=best]
     python -m hybrid_jax.evaluate --embeddings=DIR --dataset=mlqa-r --languages=en,de,zh
+    python -m hybrid_jax.evaluate --workdir=DIR --dataset=mlqa-r --part=test   # held-out articles
     python -m hybrid_jax.evaluate --model=HF_DIR --dataset=beir --data_dir=miracl/sw
 
 Writes results.json, results.md, settings.csv, per_query.npz, grid_map.png and
@@ -39,6 +40,16 @@ _DATA_DIR = flags.DEFINE_string(
 _LANGUAGES = flags.DEFINE_list("languages", [], "Languages to evaluate (default: all in data_dir).")
 _CONTEXT = flags.DEFINE_bool("candidate_context", False,
                              "LAReQA candidates as sentence + paragraph instead of the sentence.")
+_PART = flags.DEFINE_enum(
+    "part", "all", ["all", "test", "train"], "LAReQA: the whole directory, or one part of a "
+    "held-out split by article (data/lareqa.py HeldoutSplit): 'test' = the held-out articles a run "
+    "never saw. The split comes from --heldout_* or, with --workdir, from the run's config.data "
+    "when the run trained on this dataset.")
+_HELDOUT_FRACTION = flags.DEFINE_float(
+    "heldout_fraction", -1.0, "Share of ids in the test part (-1: the run's data.heldout_fraction).")
+_HELDOUT_UNIT = flags.DEFINE_enum("heldout_unit", "", ["", "article", "paragraph"],
+                                  "Held-out grouping ('': the run's, else article).")
+_HELDOUT_SEED = flags.DEFINE_integer("heldout_seed", -1, "Held-out seed (-1: the run's, else 0).")
 _SPLIT = flags.DEFINE_string("beir_split", "test", "BEIR qrels split: qrels/<split>.tsv.")
 _OUTPUT_DIR = flags.DEFINE_string(
     "output_dir", "", "Where results go (default: <workdir>/eval/<dataset>-step<step>, else "
@@ -69,7 +80,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   options = runner.RunOptions(
       dataset=_DATASET.value, data_dir=_DATA_DIR.value, languages=tuple(_LANGUAGES.value),
-      candidate_context=_CONTEXT.value, beir_split=_SPLIT.value, model=_MODEL.value,
+      candidate_context=_CONTEXT.value, part=_PART.value,
+      heldout_fraction=_HELDOUT_FRACTION.value, heldout_unit=_HELDOUT_UNIT.value,
+      heldout_seed=_HELDOUT_SEED.value, beir_split=_SPLIT.value, model=_MODEL.value,
       workdir=_WORKDIR.value, step=_STEP.value, config=_CONFIG.value,
       embeddings=_EMBEDDINGS.value, export_embeddings=_EXPORT.value, output_dir=_OUTPUT_DIR.value,
       query_prefix=_QUERY_PREFIX.value, passage_prefix=_PASSAGE_PREFIX.value,

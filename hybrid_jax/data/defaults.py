@@ -43,7 +43,13 @@ def data_config(batch_type: str = "hybrid", real_data: bool = False, *,
   config.passage_max_length = 128 if real_data else 24  # raise (e.g. 256) with passage_with_context
   config.passage_with_context = False  # lareqa: passage = gold sentence + " " + its paragraph
   config.hard_negatives = False  # add each row's hard negative passage (negative_* arrays)
-  # --- validation and order ---
+  # --- held-out test part (lareqa; data/lareqa.py HeldoutSplit) and validation ---
+  # A share of the question ids, whole articles at a time, that training never sees (nor any
+  # sentence of those articles); evaluate them with `evaluate --part=test`. 0 = train on all.
+  config.heldout_fraction = 0.0
+  config.heldout_unit = "article"  # article | paragraph
+  config.heldout_seed = 0
+  # Validation: a share of the remaining ids (by id), for the validation loss and best checkpoint.
   config.validation_fraction = 0.1  # question ids held out for validation loss (early stopping)
   config.validation_batches = 16  # fixed validation list length (covers batch types, languages)
   # Validation batches are the same for every strategy (mono, xy, hybrid), so that validation

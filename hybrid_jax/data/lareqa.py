@@ -21,6 +21,8 @@ of its 7 languages.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import os
 from typing import Iterable, Sequence
@@ -43,6 +45,7 @@ class Candidate:
   sentence_index: int  # 0-based index within the paragraph
   sentence: str
   context: str  # the whole paragraph
+  article: int = 0  # 0-based index of the article (data[a]) within the language file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +123,7 @@ def read_language(data_dir: str, lang: str) -> LareqaLanguage:
       for k, sentence in enumerate(sentences):
         candidates.append(Candidate(
             uid=f"{lang}_{paragraph_counter}_{k}", lang=lang, paragraph=paragraph_counter,
-            sentence_index=k, sentence=sentence, context=paragraph["context"]))
+            sentence_index=k, sentence=sentence, context=paragraph["context"], article=a))
       for q, qa in enumerate(paragraph["qas"]):
         qwhere = f"{where}.qas[{q}]"
         _require(isinstance(qa, dict) and "id" in qa and "question" in qa and qa.get("answers"),
@@ -142,6 +145,120 @@ def read_languages(data_dir: str, langs: Iterable[str] | None = None) -> dict[st
   return {lang: read_language(data_dir, lang) for lang in langs}
 
 
+HELDOUT_UNITS = ("article", "paragraph")
+PARTS = ("all", "train", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldoutSplit:
+  """A held-out test part of a LAReQA directory, split by article (or paragraph).
+
+  Question ids are grouped so that no text of the test part is ever a training text: two ids are
+  in one group when they share an article (paragraph) in any language, and whole groups go to the
+  test part. Training then drops the test ids and every sentence of the test articles, so neither
+  a test question, its translations, nor any sentence of a test article (positive, hard negative
+  or distractor) is seen; the test grid scores the test ids against the test articles' sentences.
+  The split is a pure function of the directory's files and these fields, so a run's training and
+  its evaluation (`evaluate --part=test`) agree without storing id lists.
+  """
+  fraction: float = 0.0  # share of question ids in the test part; 0 = no test part
+  unit: str = "article"  # article | paragraph
+  seed: int = 0  # group order; change it for another split of the same size
+
+  @classmethod
+  def from_config(cls, config) -> "HeldoutSplit":
+    """From `config.data`-style fields heldout_fraction / heldout_unit / heldout_seed."""
+    return cls(float(config.get("heldout_fraction", 0.0)),
+               str(config.get("heldout_unit", "article")), int(config.get("heldout_seed", 0)))
+
+  def validate(self, where: str = "data") -> "HeldoutSplit":
+    if not 0.0 <= self.fraction < 1.0:
+      raise LareqaFormatError(f"{where}.heldout_fraction must be in [0, 1), found {self.fraction}")
+    if self.unit not in HELDOUT_UNITS:
+      raise LareqaFormatError(f"{where}.heldout_unit must be one of {HELDOUT_UNITS}, found "
+                              f"{self.unit!r}")
+    return self
+
+
+def _unit(candidate: Candidate, unit: str) -> tuple:
+  return (candidate.lang, candidate.article if unit == "article" else candidate.paragraph)
+
+
+@functools.lru_cache(maxsize=16)
+def _heldout_ids_cached(data_dir: str, split: HeldoutSplit) -> frozenset[str]:
+  parsed = read_languages(data_dir)  # every language file: the split cannot depend on a subset
+  parent: dict = {}
+
+  def find(node):
+    root = node
+    while parent.setdefault(root, root) != root:
+      root = parent[root]
+    while parent[node] != root:  # path compression
+      parent[node], node = root, parent[node]
+    return root
+
+  for data in parsed.values():
+    gold_of = {c.uid: c for c in data.candidates}
+    for question in data.questions:
+      parent[find(("id", question.id))] = find(("unit", _unit(gold_of[question.gold_uid],
+                                                               split.unit)))
+  groups: dict = {}
+  for node in list(parent):
+    if node[0] == "id":
+      groups.setdefault(find(node), []).append(node[1])
+  members = sorted((sorted(ids) for ids in groups.values()), key=lambda ids: (
+      hashlib.blake2b(f"{split.seed}:{ids[0]}".encode("utf-8"), digest_size=8).digest(), ids[0]))
+  target = int(round(split.fraction * sum(len(ids) for ids in members)))
+  test: set[str] = set()
+  for ids in members:
+    if len(test) >= target:
+      break
+    test.update(ids)
+  return frozenset(test)
+
+
+def heldout_ids(data_dir: str, split: HeldoutSplit) -> frozenset[str]:
+  """The question ids of the test part (empty when split.fraction is 0)."""
+  split.validate()
+  if split.fraction == 0:
+    return frozenset()
+  return _heldout_ids_cached(os.path.abspath(data_dir), split)
+
+
+def select_part(parsed: dict[str, LareqaLanguage], test_ids: frozenset[str], part: str,
+                unit: str = "article") -> dict[str, LareqaLanguage]:
+  """The train or test part of parsed languages (see HeldoutSplit); part "all" returns them.
+
+  test: the test ids' questions and every sentence of their articles (paragraphs); train: the
+  other questions and the sentences of the other articles."""
+  if part not in PARTS:
+    raise LareqaFormatError(f"LAReQA part must be one of {PARTS}, found {part!r}")
+  if part == "all":
+    return parsed
+  want_test = part == "test"
+  out = {}
+  for lang, data in parsed.items():
+    gold_of = {c.uid: c for c in data.candidates}
+    test_units = {_unit(gold_of[q.gold_uid], unit) for q in data.questions if q.id in test_ids}
+    out[lang] = LareqaLanguage(
+        lang=lang, path=data.path,
+        questions=[q for q in data.questions if (q.id in test_ids) == want_test],
+        candidates=[c for c in data.candidates if (_unit(c, unit) in test_units) == want_test])
+  return out
+
+
+def read_part(data_dir: str, langs: Iterable[str] | None, split: HeldoutSplit | None,
+              part: str) -> dict[str, LareqaLanguage]:
+  """read_languages restricted to one part of a held-out split (None or fraction 0: all)."""
+  parsed = read_languages(data_dir, langs)
+  if split is None or split.fraction == 0 or part == "all":
+    if part == "test":
+      raise LareqaFormatError("the LAReQA test part needs a held-out split (heldout_fraction > "
+                              "0, e.g. 0.2); with none, every id is a training id")
+    return parsed
+  return select_part(parsed, heldout_ids(data_dir, split), part, split.unit)
+
+
 def candidate_text(candidate: Candidate, with_context: bool) -> str:
   """A LAReQA candidate as one text: the sentence, or the sentence followed by its paragraph.
 
@@ -153,12 +270,14 @@ def candidate_text(candidate: Candidate, with_context: bool) -> str:
 
 
 def training_examples(data_dir: str, languages: Sequence[str] | None = None,
-                      with_context: bool = False) -> list[records.ParallelExample]:
+                      with_context: bool = False,
+                      heldout: HeldoutSplit | None = None) -> list[records.ParallelExample]:
   """One parallel example per question id over the files of `languages` (default: all).
 
-  Ids are ordered by first appearance, scanning the languages in order.
+  Ids are ordered by first appearance, scanning the languages in order. With a held-out split,
+  only the train part: no test id, and no hard negative from a test article.
   """
-  parsed = read_languages(data_dir, languages or None)
+  parsed = read_part(data_dir, languages or None, heldout, "train")
   by_id: dict[str, dict[str, records.LanguageTexts]] = {}
   for lang, data in parsed.items():
     position = {c.uid: i for i, c in enumerate(data.candidates)}

@@ -30,6 +30,12 @@ def load_corpus(data_config) -> records.ParallelCorpus:
   """Reads `config.data.source` with its languages; validation split and sampling come later."""
   source = data_config.source
   languages = tuple(data_config.languages)
+  heldout = lareqa.HeldoutSplit.from_config(data_config).validate()
+  if heldout.fraction and source != "lareqa":
+    raise records.DataError(
+        f"data.heldout_fraction={heldout.fraction} holds out whole articles, which only "
+        f"data.source='lareqa' knows (found {source!r}). Set data.heldout_fraction=0, or train "
+        "from the LAReQA directory (data.source=lareqa, data.path=mlqa-r).")
   if source == "synthetic":
     spec = synthetic.SyntheticSpec.from_config(data_config.synthetic)
     spec.validate()
@@ -50,7 +56,11 @@ def load_corpus(data_config) -> records.ParallelCorpus:
         raise records.DataError(
             f"data.languages names {unknown}, which {path} has no <lang>.json for. Languages "
             f"present: {available}. Fix data.languages (or leave it empty for all).")
-    examples = lareqa.training_examples(path, languages, data_config.passage_with_context)
+    examples = lareqa.training_examples(path, languages, data_config.passage_with_context,
+                                        heldout=heldout)
+    if heldout.fraction:
+      path += (f" (train part: {heldout.fraction:g} of the ids held out by {heldout.unit}, "
+               f"seed {heldout.seed})")
     return records.ParallelCorpus.from_examples(examples, languages, source=path)
   if source == "jsonl":
     path = resolve_path(data_config.path)

@@ -105,10 +105,14 @@ class Collection:
 
 
 def from_lareqa(data_dir: str, languages: Iterable[str] | None = None, *,
-                candidate_context: bool = False, name: str | None = None) -> Collection:
-  """XQuAD-R / MLQA-R: one `<lang>.json` per language (all files in `data_dir` by default)."""
+                candidate_context: bool = False, name: str | None = None,
+                part: str = "all", heldout: lareqa.HeldoutSplit | None = None) -> Collection:
+  """XQuAD-R / MLQA-R: one `<lang>.json` per language (all files in `data_dir` by default).
+
+  part "test" (or "train") with a held-out split: only that part's questions, and only the
+  sentences of its articles as candidates (lareqa.HeldoutSplit)."""
   try:
-    parsed = lareqa.read_languages(data_dir, list(languages) if languages else None)
+    parsed = lareqa.read_part(data_dir, list(languages) if languages else None, heldout, part)
   except lareqa.LareqaFormatError as e:
     raise CollectionError(str(e)) from e
   for lang, part in parsed.items():

@@ -7,6 +7,8 @@ training by `hybrid_jax.eval.periodic.PeriodicEvaluation`:
   dataset       lareqa: "xquad-r" | "mlqa-r"
   data_dir      "" = $HYBRID_JAX_DATA/<dataset> (lareqa.default_data_root()); beir: required
   languages     () = every <lang>.json in data_dir
+  part          lareqa: "all" (default) | "test" | "train" of the held-out split given by
+                heldout_fraction / heldout_unit / heldout_seed (data/lareqa.py HeldoutSplit)
   synthetic     synthetic: the generator fields; empty = config.data.synthetic
   every_steps   trainer: run every N steps (and at step 0 and at the end); 0 = at the end only;
                 -1 = switched off (a command line cannot delete a config entry)
@@ -47,11 +49,12 @@ def evals_config(training_dataset: str = "") -> ml_collections.ConfigDict:
 
 
 def in_domain_evals(evals_config, data_config) -> list[str]:
-  """Names of LAReQA evaluators that score the dataset the run trains on (to warn about)."""
+  """Names of LAReQA evaluators that score the dataset the run trains on (to warn about); its
+  held-out test part (part "test") is what a run may score in domain, so it is not listed."""
   if data_config.get("source") not in ("lareqa", "tfds"):
     return []
   trained = os.path.basename(os.path.normpath(str(data_config.get("path", "")))).replace("_", "-")
   return [name for name, spec in dict(evals_config or {}).items()
-          if spec.get("type") == "lareqa" and trained and (
+          if spec.get("type") == "lareqa" and trained and spec.get("part", "all") == "all" and (
               os.path.basename(os.path.normpath(spec.get("data_dir") or spec.get("dataset", "")))
               .replace("_", "-") == trained)]

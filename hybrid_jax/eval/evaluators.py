@@ -47,26 +47,38 @@ class LareqaEvaluator(GridEvaluator):
   type_name = "lareqa"
 
   def __init__(self, dataset: str = "xquad-r", data_dir: str = "",
-               languages: Sequence[str] = (), candidate_context: bool = False, **kwargs):
+               languages: Sequence[str] = (), candidate_context: bool = False,
+               part: str = "all", heldout: lareqa.HeldoutSplit | None = None, **kwargs):
     super().__init__(**kwargs)
     if dataset not in LAREQA_DATASETS:
       raise EvaluatorConfigError(f"unknown LAReQA dataset {dataset!r}; expected one of "
                                  f"{LAREQA_DATASETS}")
+    if part not in lareqa.PARTS:
+      raise EvaluatorConfigError(f"LAReQA part {part!r}; expected one of {lareqa.PARTS}")
+    if part != "all" and (heldout is None or not heldout.fraction):
+      raise EvaluatorConfigError(
+          f"LAReQA part {part!r} needs a held-out split with heldout_fraction > 0 (the run's "
+          "data.heldout_fraction); part 'all' scores the whole directory")
     self.dataset = dataset
     self.data_dir = data_dir or os.path.join(lareqa.default_data_root(), dataset)
     self.languages = tuple(languages)
     self.candidate_context = candidate_context
-    self.name = dataset
+    self.part = part
+    self.heldout = heldout.validate("the evaluator's") if heldout is not None else None
+    self.name = dataset if part == "all" else f"{dataset}-{part}"
 
   @classmethod
   def from_spec(cls, name: str, spec: Mapping, **common) -> "LareqaEvaluator":
+    part = spec.get("part", "all") or "all"
+    heldout = lareqa.HeldoutSplit.from_config(spec) if part != "all" else None
     return cls(spec.get("dataset", "xquad-r"), spec.get("data_dir", ""),
                tuple(spec.get("languages") or ()), bool(spec.get("candidate_context", False)),
-               **common)
+               part, heldout, **common)
 
   def _load_collection(self) -> collection_lib.Collection:
     return collection_lib.from_lareqa(self.data_dir, self.languages or None,
-                                      candidate_context=self.candidate_context, name=self.dataset)
+                                      candidate_context=self.candidate_context, name=self.name,
+                                      part=self.part, heldout=self.heldout)
 
 
 class BeirEvaluator(GridEvaluator):

@@ -44,6 +44,10 @@ class RunOptions:
   data_dir: str = ""
   languages: Sequence[str] = ()
   candidate_context: bool = False
+  part: str = "all"  # LAReQA: all | test | train (of a held-out split, lareqa.HeldoutSplit)
+  heldout_fraction: float = -1.0  # -1: the run's data.heldout_fraction (when it trained here)
+  heldout_unit: str = ""  # "": the run's, else article
+  heldout_seed: int = -1  # -1: the run's, else 0
   beir_split: str = "test"
   model: str = ""
   workdir: str = ""
@@ -91,6 +95,8 @@ def default_output_dir(opts: RunOptions) -> str:
       "beir-" + os.path.basename(os.path.normpath(opts.data_dir)))
   if opts.candidate_context:
     dataset += "-context"
+  if opts.part != "all":
+    dataset += f"-{opts.part}"
   if opts.workdir:
     return os.path.join(opts.workdir, "eval", f"{dataset}-step{opts.step}")
   return os.path.join("eval_results", _source_name(opts), dataset)
@@ -168,13 +174,38 @@ def _prefixes(opts: RunOptions) -> tuple[str, str]:
   return query, passage
 
 
+def heldout_split(opts: RunOptions) -> dict:
+  """heldout_fraction / _unit / _seed of --part: the flags, else the run's config.data when the
+  run trained on this LAReQA dataset (so `--workdir=RUN --part=test` scores what RUN held out)."""
+  data = _run_data_config(opts)
+  trained_here = (data.get("source") == "lareqa" and os.path.basename(os.path.normpath(
+      str(data.get("path", "")))) == os.path.basename(os.path.normpath(
+          opts.data_dir or opts.dataset)))
+  run = data if trained_here else {}
+  fraction = opts.heldout_fraction if opts.heldout_fraction >= 0 else run.get("heldout_fraction")
+  if fraction is None:
+    raise EvaluateUsageError(
+        f"--part={opts.part} needs the held-out split: pass --heldout_fraction (e.g. 0.2, the "
+        f"run's data.heldout_fraction), or --workdir of a run trained on {opts.dataset}")
+  return {"heldout_fraction": float(fraction),
+          "heldout_unit": opts.heldout_unit or run.get("heldout_unit", "article"),
+          "heldout_seed": opts.heldout_seed if opts.heldout_seed >= 0 else int(
+              run.get("heldout_seed", 0))}
+
+
 def evaluator_spec(opts: RunOptions) -> dict:
   """The config.evals-style spec (eval/evaluators.py) of the command line's dataset flags."""
   groups = {name: tuple(members) for name, members in dict(opts.groups).items()}
+  if opts.part != "all" and opts.dataset not in evaluators_lib.LAREQA_DATASETS:
+    raise EvaluateUsageError(f"--part={opts.part} splits LAReQA directories (xquad-r, mlqa-r), "
+                             f"not --dataset={opts.dataset}; use --beir_split for BEIR")
   if opts.dataset in evaluators_lib.LAREQA_DATASETS:
-    return {"type": evaluators_lib.LareqaEvaluator.type_name, "dataset": opts.dataset,
+    spec = {"type": evaluators_lib.LareqaEvaluator.type_name, "dataset": opts.dataset,
             "data_dir": opts.data_dir, "languages": tuple(opts.languages),
-            "candidate_context": opts.candidate_context, "groups": groups}
+            "candidate_context": opts.candidate_context, "groups": groups, "part": opts.part}
+    if opts.part != "all":
+      spec.update(heldout_split(opts))
+    return spec
   if opts.dataset == evaluators_lib.BeirEvaluator.type_name:
     return {"type": opts.dataset, "data_dir": opts.data_dir, "split": opts.beir_split,
             "lang": opts.languages[0] if opts.languages else None, "groups": groups}
@@ -309,11 +340,15 @@ def run(opts: RunOptions, argv: Sequence[str] = ()) -> dict:
   command = "python -m hybrid_jax.evaluate " + " ".join(shlex.quote(a) for a in argv[1:])
   meta = {"source": description, "command": command, "query_prefix": query_prefix,
           "passage_prefix": passage_prefix, "candidate_context": opts.candidate_context,
+          "part": opts.part,
+          **({"heldout": heldout_split(opts)} if opts.part != "all" else {}),
           "num_queries": collection.num_queries, "num_candidates": collection.num_candidates,
           "embedding_dim": int(query_emb.shape[1]), "embed_seconds": round(embed_seconds, 2),
           "score_seconds": round(score_seconds, 2), "wall_seconds": round(wall, 2)}
   header = [f"Source: {description}. Prefixes: query {query_prefix!r}, passage "
-            f"{passage_prefix!r}; candidates: {'sentence + context' if opts.candidate_context else 'sentence'}.",
+            f"{passage_prefix!r}; candidates: {'sentence + context' if opts.candidate_context else 'sentence'}."
+            + (f" Part {opts.part!r} of the held-out split {heldout_split(opts)}."
+               if opts.part != "all" else ""),
             f"{collection.num_queries} queries, {collection.num_candidates} candidates. "
             f"Wall time {wall:.1f}s (encoding {embed_seconds:.1f}s, scoring {score_seconds:.1f}s).",
             "", f"    {command}"]

@@ -10,6 +10,7 @@ import pytest
 
 from hybrid_jax.data import defaults
 from hybrid_jax.data import lareqa
+from hybrid_jax.data import records
 from hybrid_jax.data import sources
 from hybrid_jax.eval import collection as collection_lib
 from hybrid_jax.models import presets
@@ -134,3 +135,101 @@ def test_training_passages_and_eval_candidates_are_one_functions_text(with_conte
   assert positives == {uid: marked[uid] for uid in positives}
   assert eval_candidates(collection_lib.from_lareqa(directory, candidate_context=with_context)) \
       == marked
+
+
+# --- held-out test part (HeldoutSplit) --------------------------------------------------------
+def _texts_of(examples):
+  out = set()
+  for example in examples:
+    for texts in example.languages.values():
+      out.update(t for t in (texts.query, texts.positive, texts.negative) if t is not None)
+  return out
+
+
+@pytest.mark.parametrize("dataset,unit", [("mlqa-r", "article"), ("xquad-r", "article"),
+                                          ("xquad-r", "paragraph")])
+def test_heldout_part_shares_no_article_and_no_text_with_training(dataset, unit):
+  """On the real files: the test part is whole articles (paragraphs) in every language, about
+  the asked share of ids, and training sees none of its questions, sentences or negatives."""
+  directory = os.path.join(lareqa.default_data_root(), dataset)
+  split = lareqa.HeldoutSplit(0.2, unit)
+  test_ids = lareqa.heldout_ids(directory, split)
+  parsed = lareqa.read_languages(directory)
+  all_ids = {q.id for p in parsed.values() for q in p.questions}
+  assert 0.2 <= len(test_ids) / len(all_ids) < 0.3  # whole groups: at least the share asked
+  test = lareqa.select_part(parsed, test_ids, "test", unit)
+  train = lareqa.select_part(parsed, test_ids, "train", unit)
+  key = (lambda c: c.article) if unit == "article" else (lambda c: c.paragraph)
+  for lang in parsed:
+    # Parts partition the file; no article (paragraph) is on both sides.
+    assert len(test[lang].questions) + len(train[lang].questions) == len(parsed[lang].questions)
+    assert len(test[lang].candidates) + len(train[lang].candidates) == len(
+        parsed[lang].candidates)
+    assert not {key(c) for c in test[lang].candidates} & {key(c) for c in train[lang].candidates}
+    test_uids = {c.uid for c in test[lang].candidates}
+    assert all(q.gold_uid in test_uids for q in test[lang].questions)
+    assert {q.id for q in test[lang].questions} <= test_ids
+  examples = lareqa.training_examples(directory, heldout=split)
+  assert not {e.id for e in examples} & test_ids
+  assert len({e.id for e in examples}) == len(all_ids - test_ids)
+  test_texts = ({c.sentence for p in test.values() for c in p.candidates}
+                | {q.question for p in test.values() for q in p.questions})
+  train_sentences = {c.sentence for p in train.values() for c in p.candidates}
+  # Only a few one-token fragments ("I.", "[citation needed]") repeat in other articles.
+  shared = _texts_of(examples) & test_texts
+  assert shared <= train_sentences and all(len(t) < 20 for t in shared), sorted(shared)[:5]
+
+
+def test_heldout_split_is_deterministic_and_seeded():
+  directory = os.path.join(lareqa.default_data_root(), "mlqa-r")
+  first = lareqa.heldout_ids(directory, lareqa.HeldoutSplit(0.2))
+  lareqa._heldout_ids_cached.cache_clear()  # pylint: disable=protected-access
+  assert lareqa.heldout_ids(directory, lareqa.HeldoutSplit(0.2)) == first
+  other = lareqa.heldout_ids(directory, lareqa.HeldoutSplit(0.2, seed=1))
+  assert other != first and abs(len(other) - len(first)) < 25
+  assert lareqa.heldout_ids(directory, lareqa.HeldoutSplit(0.0)) == frozenset()
+  with pytest.raises(lareqa.LareqaFormatError, match="heldout_unit must be one of"):
+    lareqa.heldout_ids(directory, lareqa.HeldoutSplit(0.2, "chapter"))
+  with pytest.raises(lareqa.LareqaFormatError, match=r"heldout_fraction must be in \[0, 1\)"):
+    lareqa.heldout_ids(directory, lareqa.HeldoutSplit(1.0))
+
+
+def test_heldout_groups_follow_shared_articles_across_languages(tmp_path):
+  """Two ids that share an article in one language are held out together, even where each has
+  an article of its own in another language."""
+  directory = str(tmp_path)
+  qa = lambda i: {"id": i, "question": f"q {i}?", "answers": [{"answer_start": 0}]}
+  # en: q1 and q2 share one article; de: each has its own. q3 stands alone everywhere.
+  _write(directory, "en", [{"paragraphs": [_paragraph(["a1 x.", "a2 y."], [qa("q1")]),
+                                           _paragraph(["b1 x."], [qa("q2")])]},
+                           {"paragraphs": [_paragraph(["c1 x."], [qa("q3")])]}])
+  _write(directory, "de", [{"paragraphs": [_paragraph(["d1 x."], [qa("q1")])]},
+                           {"paragraphs": [_paragraph(["e1 x."], [qa("q2")])]},
+                           {"paragraphs": [_paragraph(["f1 x."], [qa("q3")])]}])
+  for seed in range(8):
+    test = lareqa.heldout_ids(directory, lareqa.HeldoutSplit(0.3, seed=seed))
+    assert test in ({"q1", "q2"}, {"q3"})  # never q1 without q2
+    parsed = lareqa.read_languages(directory)
+    train = lareqa.select_part(parsed, test, "train")
+    # No sentence of a test article is a training negative (the fallback neighbour included).
+    examples = lareqa.training_examples(directory, heldout=lareqa.HeldoutSplit(0.3, seed=seed))
+    test_sentences = {c.sentence for p in lareqa.select_part(parsed, test, "test").values()
+                      for c in p.candidates}
+    assert not _texts_of(examples) & test_sentences
+    assert {e.id for e in examples} == {"q1", "q2", "q3"} - test
+    assert train
+
+
+def test_heldout_training_source_and_errors(tmp_path):
+  config = defaults.data_config(real_data=True, prefixes=PREFIXES)
+  config.heldout_fraction = 0.2
+  corpus = sources.load_corpus(config)
+  test_ids = lareqa.heldout_ids(os.path.join(lareqa.default_data_root(), "mlqa-r"),
+                                lareqa.HeldoutSplit(0.2))
+  assert not set(corpus.ids) & test_ids and len(corpus.ids) == 1148 - len(test_ids)
+  assert "train part: 0.2 of the ids held out by article" in corpus.source
+  config.source, config.path = "jsonl", str(tmp_path / "x.jsonl")
+  with pytest.raises(records.DataError, match="only data.source='lareqa' knows"):
+    sources.load_corpus(config)
+  with pytest.raises(lareqa.LareqaFormatError, match="needs a held-out split"):
+    lareqa.read_part(os.path.join(lareqa.default_data_root(), "mlqa-r"), None, None, "test")

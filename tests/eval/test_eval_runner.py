@@ -273,3 +273,43 @@ def test_evaluate_workdir_source(subset, tmp_path):
   np.testing.assert_allclose(queries[:40], direct, atol=1e-6)
   with pytest.raises(ValueError, match=r"no checkpoint at step 7"):
     runner.run(dataclasses.replace(options, step="7"))
+
+
+def test_heldout_test_part_through_the_runner(subset, tmp_path):
+  """--part=test scores only the held-out articles: their queries against their sentences, with
+  the split from the flags or from the run's config.data; the oracle stays perfect there."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from hybrid_jax.data import lareqa  # pylint: disable=g-import-not-at-top
+
+  emb = str(tmp_path / "emb")
+  queries, candidates = topic_embeddings(subset)
+  embeddings_io.save(emb, "queries", subset.query_uids, queries)
+  embeddings_io.save(emb, "candidates", subset.candidate_uids, candidates)
+  options = runner.RunOptions(embeddings=emb, languages=tuple(LANGS), part="test",
+                              heldout_fraction=0.2, output_dir=str(tmp_path / "test"),
+                              show_progress=False)
+  results = runner.run(options)
+  split = lareqa.HeldoutSplit(0.2)
+  test = lareqa.select_part(lareqa.read_languages(data_dir("xquad-r"), LANGS),
+                            lareqa.heldout_ids(data_dir("xquad-r"), split), "test")
+  assert results["dataset"] == "xquad-r-test"
+  mono = {e["query_lang"]: e["num_queries"] for e in results["settings"]
+          if e["query_lang"] == e["candidate_lang"]}
+  assert mono == {lang: len(test[lang].questions) for lang in LANGS}
+  assert 200 < mono["en"] < 350  # ~20% of 1190, whole articles
+  assert results["summary"]["multilingual"]["map"] == pytest.approx(1.0)
+  with open(tmp_path / "test" / "results.md", encoding="utf-8") as f:
+    assert "Part 'test' of the held-out split" in f.read()
+  # The split of a run that trained on this dataset comes from its config; another run's not.
+  trained = ml_collections.ConfigDict({"data": {"source": "lareqa", "path": "xquad-r",
+                                                "heldout_fraction": 0.3, "heldout_unit": "article",
+                                                "heldout_seed": 2}})
+  spec = runner.evaluator_spec(dataclasses.replace(options, heldout_fraction=-1.0,
+                                                   config=trained))
+  assert (spec["heldout_fraction"], spec["heldout_unit"], spec["heldout_seed"]) == (
+      0.3, "article", 2)
+  trained.data.path = "mlqa-r"
+  with pytest.raises(runner.EvaluateUsageError, match="needs the held-out split"):
+    runner.evaluator_spec(dataclasses.replace(options, heldout_fraction=-1.0, config=trained))
+  with pytest.raises(runner.EvaluateUsageError, match="splits LAReQA directories"):
+    runner.evaluator_spec(dataclasses.replace(options, dataset="beir", data_dir=str(tmp_path)))
