@@ -1,0 +1,152 @@
+"""experiments/study.py and report.py: the study's runs differ only where they should, the runner
+knows what is done, and the report reads results.json files into the right cells."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hybrid_jax import config_lib
+from hybrid_jax.data import plan
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(REPO, "experiments"))
+
+import report  # pylint: disable=g-import-not-at-top,wrong-import-position
+import study  # pylint: disable=g-import-not-at-top,wrong-import-position
+import study_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _flat(run: study.Run) -> dict:
+  return config_lib.flatten(study_config.get_config(run.config_arg).to_dict())
+
+
+def test_runs_differ_only_in_strategy_alpha_seed_and_direction():
+  trained = [r for r in study.RUNS if not r.zero_shot]
+  assert len({r.name for r in study.RUNS}) == len(study.RUNS) == 15
+  reference = {"A": _flat(next(r for r in trained if r.name == "A-hybrid")),
+               "B": _flat(next(r for r in trained if r.name == "B-hybrid"))}
+  allowed = {"data.batch_type", "data.alpha", "seed", "data.seed"}
+  for run in trained:
+    flat = _flat(run)
+    changed = {k for k in flat if flat[k] != reference[run.direction][k]}
+    assert changed <= allowed, (run.name, changed)
+    assert flat["data.batch_type"] == run.strategy and flat["seed"] == run.seed
+  a, b = reference["A"], reference["B"]
+  assert {k for k in a if a[k] != b[k]} == {"data.path"}
+  assert (a["data.heldout_fraction"], a["train.num_steps"], a["model.init_from"] != "") == (
+      0.2, 300, True)
+  assert a["data.query_prefix"] == "query: " and a["data.validation_batch_type"] == "hybrid"
+
+
+@pytest.mark.parametrize("baseline,alpha", [("mono", 1.0), ("xy", 0.0)])
+def test_hybrid_at_alpha_0_and_1_draws_exactly_the_baseline_batches(baseline, alpha):
+  """Why the alpha sweep reuses the X-Y and X-X-mono runs as its endpoints."""
+  _, base = plan.training_sampler(study_config.get_config(f"strategy={baseline}").data)
+  _, hybrid = plan.training_sampler(
+      study_config.get_config(f"strategy=hybrid,alpha={alpha}").data)
+  for step in range(0, 300, 7):
+    p, q = base.plan(step, 32), hybrid.plan(step, 32)
+    assert p.batch_type == q.batch_type == baseline
+    for field in ("example", "query_lang", "passage_lang"):
+      np.testing.assert_array_equal(getattr(p, field), getattr(q, field))
+
+
+def test_study_knows_what_is_done_and_prints_commands(tmp_path):
+  results, workroot = tmp_path / "results", tmp_path / "runs"
+  s = study.Study(str(workroot), str(results))
+  run = next(r for r in study.RUNS if r.name == "A-xy")
+  assert not s.done(run) and s.trained_steps(run) == 0
+  train = s.train_command(run)
+  assert train[1:3] == ["-m", "hybrid_jax.train"] and train[3] == (
+      "--config=experiments/study_config.py:direction=A,strategy=xy,alpha=0.5,seed=0")
+  (test_eval, shifted) = run.evaluations()
+  assert (test_eval.name, shifted.name) == ("mlqa-r-test", "xquad-r")
+  command = s.evaluate_command(run, test_eval)
+  assert "--part=test" in command and "--heldout_fraction=0.2" in command
+  assert f"--workdir={workroot / 'A-xy'}" in command and "--step=best" in command
+  # The zero-shot model scores the same four test sets, with the e5 prefixes and A's unseen group.
+  zero = study.RUNS[0]
+  assert [e.name for e in zero.evaluations()] == ["mlqa-r-test", "xquad-r", "xquad-r-test",
+                                                  "mlqa-r"]
+  zs = s.evaluate_command(zero, zero.evaluations()[1])
+  assert "--query_prefix=query: " in zs
+  assert "--groups=low_resource=el+hi+th+tr+vi;unseen=el+ru+th+tr" in zs
+  # An evaluation is done once its results.json is collected; collect copies only small files.
+  source = workroot / "A-xy" / "eval" / "mlqa-r-test"
+  (source / "embeddings").mkdir(parents=True)
+  (source / "results.json").write_text("{}")
+  (source / "embeddings" / "queries.npy").write_text("big")
+  (workroot / "A-xy" / "config.json").write_text("{}")
+  s.collect(run, test_eval)
+  assert s.evaluation_done(run, test_eval) and not s.evaluation_done(run, shifted)
+  assert sorted(os.listdir(results / "A-xy")) == ["config.json", "mlqa-r-test"]
+  assert os.listdir(results / "A-xy" / "mlqa-r-test") == ["results.json"]
+  # --list runs without touching a model.
+  out = subprocess.run([sys.executable, "experiments/study.py", f"--workroot={workroot}",
+                        "--list", "--only=B-"], cwd=REPO, capture_output=True, text=True,
+                       check=True).stdout
+  assert out.count("\n") == 3 * 3 + 1 and "B-hybrid" in out and "ETA for what is left" in out
+  with pytest.raises(SystemExit, match="matches no run"):
+    study.select("C-")
+
+
+def _fake_results(dataset: str, multi: float, languages=("en", "de")) -> dict:
+  summary = {f: {"map": multi + 0.1 * k, "recall@1": 0.5, "recall@10": 0.9}
+             for k, f in enumerate(("multilingual", "cross_lingual", "monolingual"))}
+  summary["multilingual"].update({"rank_distance": 100.0, "low_resource/map": multi - 0.05,
+                                  "low_resource/rank_distance": 120.0,
+                                  "low_resource/num_settings": 1})
+  summary["cross_lingual"]["low_resource/map"] = multi
+  return {"dataset": dataset, "languages": list(languages), "summary": summary, "settings": [],
+          "multilingual_by_lang": [{"query_lang": l, "map": multi, "rank_distance": 90.0}
+                                   for l in languages]}
+
+
+def test_report_puts_each_results_json_in_its_cells(tmp_path):
+  results = tmp_path / "results"
+  values = {("zeroshot", "mlqa-r-test"): 0.30, ("zeroshot", "xquad-r"): 0.25,
+            ("A-mono", "mlqa-r-test"): 0.40, ("A-mono", "xquad-r"): 0.31,
+            ("A-hybrid", "mlqa-r-test"): 0.50, ("A-hybrid", "xquad-r"): 0.37,
+            ("A-hybrid-seed1", "xquad-r"): 0.39, ("A-hybrid-seed2", "xquad-r"): 0.41,
+            ("A-xy", "xquad-r"): 0.33, ("A-hybrid-alpha0.25", "xquad-r"): 0.35}
+  for (run, evaluation), multi in values.items():
+    (results / run / evaluation).mkdir(parents=True)
+    (results / run / evaluation / "results.json").write_text(
+        json.dumps(_fake_results(evaluation, multi)))
+  out = report.build(str(results), str(tmp_path / "RESULTS.md"))
+  text = open(out, encoding="utf-8").read()
+  assert "Status: 10 of 32 evaluations done." in text
+  # Headline: in-domain 0.500, shifted 0.370, drop 0.130, gains over zero-shot 0.200 / 0.120.
+  assert "| A | hybrid (alpha 0.5) | 0.500 | 0.370 | 0.130 | 0.200 | 0.120 |" in text
+  assert "| A | X-X-mono | 0.400 | 0.310 | 0.090 | 0.100 | 0.060 |" in text
+  assert "| A | X-Y | - | 0.330 | - | - | 0.080 |" in text
+  # Seeds 0, 1, 2 of hybrid: 0.37, 0.39, 0.41 -> 0.390 ± 0.020.
+  assert "0.390 ± 0.020 (n=3)" in text
+  # Alpha row of the multilingual pool on XQuAD-R: X-Y 0.33, 0.25 -> 0.35, 0.5 -> 0.37, mono 0.31.
+  assert "| xquad-r | multilingual | 0.330 | 0.350 | 0.370 | - | 0.310 |" in text
+  assert os.path.isfile(results / "plots" / "alpha_curve.png")
+  assert "low_resource mAP cross" in text and "| zero-shot e5-small | 0.250 | 0.200 | 120.0 |" in text
+  # No per_query.npz here: no significance rows, and no crash.
+  assert "| hybrid vs |" not in text
+
+
+def test_report_significance_from_per_query_files(tmp_path):
+  """With per_query.npz beside results.json, the report runs hybrid_jax.eval.significance and
+  caches its summary rows."""
+  committed = os.path.join(REPO, "experiments", "results", "zeroshot", "mlqa-r-test")
+  if not os.path.isfile(os.path.join(committed, "per_query.npz")):
+    pytest.skip("the committed zero-shot result is not there")
+  results = tmp_path / "results"
+  for run in ("A-mono", "A-hybrid"):
+    shutil.copytree(committed, results / run / "mlqa-r-test")
+  rows = report.significance_rows(str(results), "A-mono", "A-hybrid", "mlqa-r-test")
+  assert [r["name"] for r in rows] == ["monolingual", "cross_lingual", "multilingual"]
+  assert all(r["diff"] == 0.0 and r["p"] == 1.0 for r in rows)  # a run against itself
+  assert os.path.isfile(results / "significance" / "mlqa-r-test--A-hybrid--vs--A-mono--map.json")
