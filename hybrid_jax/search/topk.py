@@ -1,0 +1,340 @@
+"""Exact maximum-inner-product top-k of queries over a corpus of embeddings, in JAX.
+
+Why not one `queries @ corpus.T` and `lax.top_k`: at corpus scale (millions of passages) the
+[Q, N] score matrix does not fit anywhere. Instead the corpus is streamed in chunks of
+`chunk_size` rows (from NumPy, possibly a memory map, so the corpus never has to sit on the
+device at once), each chunk is scored against `query_chunk_size` queries at a time, and a running
+top-k per query is merged with the chunk's own top-k. Device memory is bounded by one chunk of
+the corpus and one [query chunk, corpus chunk] score block, independent of N.
+
+With a `jax.sharding.Mesh`, each corpus chunk is split over every device of the mesh (rows over
+all mesh axes): each device scores its rows, takes its own top-k, and the per-device lists are
+all-gathered and merged (`jax.shard_map`), so only k candidates per device cross the interconnect.
+
+Exact and deterministic: the result equals a stable sort by (-score, corpus index), i.e. ties are
+broken by the lower corpus index, under any chunking and any number of devices. `lax.top_k` picks
+lower indices first among equal values within one array (documented), and the merges sort on the
+explicit key (-score, index) with `lax.sort(num_keys=2)`, so the order never depends on where in
+a concatenation a candidate came from. Scores are canonicalised so that -0.0 and +0.0 tie (XLA's
+CPU top-k orders -0.0 below +0.0; NumPy and the reference compare them equal).
+
+bfloat16: with `dtype=jnp.bfloat16` queries and corpus are rounded to bfloat16 on the way to the
+device (half the transfer and memory) and dot products accumulate in float32
+(`preferred_element_type`).
+
+`search_with_ranks` also returns, in the same single pass over the corpus, the full-corpus rank of
+given target documents (e.g. each query's relevant passages): the number of documents ranked
+above each target under the same (-score, index) order, plus one. Ranking metrics such as MAP
+over the whole corpus then need no [Q, N] matrix either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from hybrid_jax import errors
+
+# Elements of one [query chunk, local corpus rows] comparison block in the rank counting; the
+# targets are processed in groups so that the group's block stays within this many elements.
+_RANK_COUNT_BUDGET = 1 << 27
+
+
+class SearchInputError(errors.UserError):
+  """Queries, corpus, k or mask do not fit together."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchResult:
+  """Top-k per query, best first, and optionally the full-corpus ranks of target documents."""
+  scores: np.ndarray  # [Q, k] float32
+  indices: np.ndarray  # [Q, k] int64 corpus row indices
+  target_ranks: np.ndarray | None  # [Q, R] int64, 1 = best; 0 where the target is padding (-1)
+
+
+def exact_topk(queries, corpus, k: int, *, chunk_size: int = 65536, query_chunk_size: int = 4096,
+               mesh: Mesh | None = None, dtype=jnp.float32,
+               corpus_mask=None) -> tuple[np.ndarray, np.ndarray]:
+  """Exact maximum-inner-product top-k.
+
+  Args:
+    queries: [Q, D] numpy or jax array.
+    corpus: [N, D] numpy (memory maps welcome) or jax array.
+    k: results per query, 1 <= k <= number of allowed documents.
+    chunk_size: corpus rows scored per step (rounded up to a multiple of the mesh's devices).
+    query_chunk_size: queries scored per step.
+    mesh: devices to shard each corpus chunk over (all mesh axes); None = the first device.
+    dtype: jnp.float32 or jnp.bfloat16 for the embeddings; scores accumulate in float32.
+    corpus_mask: optional [N] bool, False = the document is never returned.
+
+  Returns:
+    (scores [Q, k] float32, indices [Q, k] int64), best first; ties by lower corpus index.
+  """
+  result = search_with_ranks(queries, corpus, k, chunk_size=chunk_size,
+                             query_chunk_size=query_chunk_size, mesh=mesh, dtype=dtype,
+                             corpus_mask=corpus_mask)
+  return result.scores, result.indices
+
+
+def search_with_ranks(queries, corpus, k: int, *, targets=None, chunk_size: int = 65536,
+                      query_chunk_size: int = 4096, mesh: Mesh | None = None, dtype=jnp.float32,
+                      corpus_mask=None, progress_desc: str | None = None) -> SearchResult:
+  """`exact_topk`, plus the full-corpus rank of each query's target documents.
+
+  Args:
+    targets: optional [Q, R] int corpus indices (-1 = padding). A target's rank is 1 + the number
+      of allowed documents with a higher score, or an equal score and a lower index; a target
+      that is itself masked out is ranked as if it were allowed. Within the top k the rank is the
+      target's position in the returned list.
+    progress_desc: when given, progress and ETA over the corpus are printed to stderr.
+    Other arguments as in `exact_topk`.
+  """
+  queries_np, corpus_np = _as_host_or_device(queries), _as_host_or_device(corpus)
+  num_queries, num_docs, dim = _check_shapes(queries_np, corpus_np, k)
+  mask = None
+  if corpus_mask is not None:
+    mask = np.asarray(corpus_mask)
+    if mask.shape != (num_docs,) or mask.dtype != np.bool_:
+      raise SearchInputError(
+          f"corpus_mask must be a bool array of shape [{num_docs}] (one flag per corpus row), "
+          f"found {mask.dtype} {mask.shape}; pass e.g. np.ones({num_docs}, bool)")
+    allowed = int(mask.sum())
+    if k > allowed:
+      raise SearchInputError(
+          f"k={k} exceeds the {allowed} documents that corpus_mask allows; lower k or allow more "
+          "documents")
+  dtype = jnp.dtype(dtype)
+  if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+    raise SearchInputError(f"dtype must be float32 or bfloat16, found {dtype}")
+  target_np = None
+  if targets is not None:
+    target_np = np.asarray(targets, np.int64)
+    if target_np.ndim != 2 or target_np.shape[0] != num_queries:
+      raise SearchInputError(
+          f"targets must be [num_queries={num_queries}, R] corpus indices (-1 = padding), "
+          f"found shape {target_np.shape}")
+    if target_np.size and (target_np.max() >= num_docs or target_np.min() < -1):
+      raise SearchInputError(
+          f"targets must be corpus indices in [0, {num_docs}) or -1 for padding, found values "
+          f"in [{target_np.min()}, {target_np.max()}]")
+    if target_np.shape[1] == 0:
+      target_np = None
+
+  mesh = mesh if mesh is not None else Mesh(np.array(jax.devices()[:1]), ("corpus",))
+  num_devices = mesh.devices.size
+  chunk = _round_up(min(chunk_size, _round_up(num_docs, num_devices)), num_devices)
+  query_chunk = max(1, min(query_chunk_size, num_queries))
+  num_targets = 0 if target_np is None else target_np.shape[1]
+  local_rows = chunk // num_devices
+  target_group = max(1, min(num_targets or 1, _RANK_COUNT_BUDGET // (query_chunk * local_rows)))
+  step = _merge_step(mesh, k=k, local_k=min(k, local_rows), num_targets=num_targets,
+                     target_group=target_group)
+
+  replicated = NamedSharding(mesh, P())
+  rows_sharded = NamedSharding(mesh, P(mesh.axis_names))
+  query_starts = list(range(0, num_queries, query_chunk))
+  query_blocks = [jax.device_put(_padded_rows(queries_np, s, query_chunk, dtype), replicated)
+                  for s in query_starts]
+  target_blocks = [None] * len(query_starts)
+  if target_np is not None:
+    target_blocks = [_target_block(target_np, queries_np, corpus_np, s, query_chunk, dtype,
+                                   replicated) for s in query_starts]
+  state = [_initial_state(query_chunk, k, num_targets, replicated) for _ in query_starts]
+
+  progress = _CorpusProgress(num_docs, progress_desc)
+  for start in range(0, num_docs, chunk):
+    rows = min(chunk, num_docs - start)
+    valid = np.zeros(chunk, bool)
+    valid[:rows] = True if mask is None else mask[start:start + rows]
+    chunk_emb = jax.device_put(_padded_rows(corpus_np, start, chunk, dtype), rows_sharded)
+    chunk_valid = jax.device_put(valid, rows_sharded)
+    offset = jnp.int32(start)
+    for i, queries_block in enumerate(query_blocks):
+      state[i] = step(state[i], queries_block, target_blocks[i], chunk_emb, chunk_valid, offset)
+    progress.update(rows)
+
+  scores = np.concatenate([np.asarray(s["scores"]) for s in state])[:num_queries]
+  indices = np.concatenate([np.asarray(s["indices"]) for s in state])[:num_queries]
+  target_ranks = None
+  if target_np is not None:
+    counts = np.concatenate([np.asarray(s["counts"]) for s in state])[:num_queries]
+    target_ranks = _ranks_from_counts(counts.astype(np.int64), target_np, indices)
+  return SearchResult(scores=scores.astype(np.float32), indices=indices.astype(np.int64),
+                      target_ranks=target_ranks)
+
+
+# --- inputs -----------------------------------------------------------------------------------
+def _as_host_or_device(x):
+  """jax arrays stay as they are (sliced on device); anything else becomes a NumPy array, a
+  memory map staying a memory map (rows are read chunk by chunk)."""
+  return x if isinstance(x, jax.Array) else np.asarray(x)
+
+
+def _check_shapes(queries, corpus, k: int) -> tuple[int, int, int]:
+  if queries.ndim != 2 or corpus.ndim != 2:
+    raise SearchInputError(
+        f"queries and corpus must be 2-D [rows, dim] embeddings, found shapes {queries.shape} "
+        f"and {corpus.shape}")
+  if queries.shape[1] != corpus.shape[1]:
+    raise SearchInputError(
+        f"queries and corpus must have the same embedding dimension, found {queries.shape[1]} "
+        f"(queries) and {corpus.shape[1]} (corpus); embed both with the same model")
+  num_docs = corpus.shape[0]
+  if not isinstance(k, (int, np.integer)) or k < 1 or k > num_docs:
+    raise SearchInputError(
+        f"k must be an integer in [1, {num_docs}] (the corpus size), found {k!r}")
+  return queries.shape[0], num_docs, queries.shape[1]
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return max(multiple, -(-n // multiple) * multiple)
+
+
+def _padded_rows(x, start: int, rows: int, dtype):
+  """x[start:start + rows] cast to dtype, zero-padded to `rows` rows (one compiled shape)."""
+  block = x[start:start + rows]
+  if isinstance(block, jax.Array):
+    block = block.astype(dtype)
+    pad = rows - block.shape[0]
+    return jnp.pad(block, ((0, pad), (0, 0))) if pad else block
+  block = np.asarray(block).astype(dtype, copy=False)
+  pad = rows - block.shape[0]
+  return np.concatenate([block, np.zeros((pad, block.shape[1]), block.dtype)]) if pad else block
+
+
+def _target_block(targets, queries, corpus, start: int, rows: int, dtype, sharding):
+  """Targets of one query chunk and their scores, computed as the chunk scan computes scores."""
+  ids = targets[start:start + rows]
+  pad = rows - ids.shape[0]
+  if pad:
+    ids = np.concatenate([ids, np.full((pad, ids.shape[1]), -1, ids.dtype)])
+  safe = np.maximum(ids, 0)
+  emb = jnp.asarray(corpus[safe.reshape(-1)], dtype).reshape(ids.shape + (corpus.shape[1],))
+  query_block = jnp.asarray(_padded_rows(queries, start, rows, dtype))
+  scores = _canonical(jnp.einsum("qd,qrd->qr", query_block, emb,
+                                 preferred_element_type=jnp.float32))
+  return jax.device_put({"ids": jnp.asarray(ids, jnp.int32), "scores": scores}, sharding)
+
+
+def _initial_state(rows: int, k: int, num_targets: int, sharding) -> dict[str, Any]:
+  state = {"scores": jnp.full((rows, k), -jnp.inf, jnp.float32),
+           "indices": jnp.full((rows, k), jnp.iinfo(jnp.int32).max, jnp.int32)}
+  if num_targets:
+    state["counts"] = jnp.zeros((rows, num_targets), jnp.int32)
+  return jax.device_put(state, sharding)
+
+
+# --- the jitted step --------------------------------------------------------------------------
+def _canonical(scores):
+  """-0.0 -> +0.0, so that they tie in every top-k and sort (as they compare equal)."""
+  return jnp.where(scores == 0, jnp.zeros_like(scores), scores)
+
+
+def _sorted_topk(scores, indices, k: int):
+  """The k best (score, index) pairs by (-score, index), best first. [B, M] -> [B, k]."""
+  neg_sorted, idx_sorted = lax.sort((-scores, indices), dimension=-1, num_keys=2)
+  return -neg_sorted[:, :k], idx_sorted[:, :k]
+
+
+@functools.lru_cache(maxsize=32)
+def _merge_step(mesh: Mesh, *, k: int, local_k: int, num_targets: int, target_group: int):
+  """Jitted (state, queries, targets, chunk, valid, offset) -> state for one corpus chunk."""
+  axes = mesh.axis_names
+
+  def per_device(state, queries, targets, chunk, valid, offset):
+    local_rows = chunk.shape[0]
+    device = lax.axis_index(axes)
+    first_index = offset + device * local_rows
+    scores = lax.dot_general(queries, chunk, (((1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.float32)  # [B, C/n]
+    scores = jnp.where(valid[None, :], _canonical(scores), -jnp.inf)
+    local_scores, local_pos = lax.top_k(scores, local_k)  # lower position first among ties
+    gathered_scores = lax.all_gather(local_scores, axes, axis=1, tiled=True)  # [B, n*local_k]
+    gathered_idx = lax.all_gather(local_pos + first_index, axes, axis=1, tiled=True)
+    merged_scores, merged_idx = _sorted_topk(
+        jnp.concatenate([state["scores"], gathered_scores], axis=1),
+        jnp.concatenate([state["indices"], gathered_idx], axis=1), k)
+    new_state = {"scores": merged_scores, "indices": merged_idx}
+    if num_targets:
+      doc_index = first_index + jnp.arange(local_rows, dtype=jnp.int32)
+      counts = _count_ranked_above(scores, doc_index, targets, target_group)
+      new_state["counts"] = state["counts"] + lax.psum(counts, axes)
+    return new_state
+
+  sharded = P(axes)
+  state_spec = {"scores": P(), "indices": P()}
+  if num_targets:
+    state_spec["counts"] = P()
+  target_spec = {"ids": P(), "scores": P()} if num_targets else None
+  mapped = jax.shard_map(
+      per_device, mesh=mesh, in_specs=(state_spec, P(), target_spec, sharded, sharded, P()),
+      out_specs=state_spec, check_vma=False)
+  return jax.jit(mapped, donate_argnums=0)
+
+
+def _count_ranked_above(scores, doc_index, targets, target_group: int):
+  """[B, R] number of this device's rows ranked above each target by (-score, index).
+
+  Masked rows have score -inf and so never count (a target's score is finite). A target's own
+  row is excluded by index, whatever score the chunk's matrix product gave it.
+  """
+  def count_one(target):
+    ids, target_scores = target  # [B], [B]
+    above = (scores > target_scores[:, None]) | (
+        (scores == target_scores[:, None]) & (doc_index[None, :] < ids[:, None]))
+    above &= doc_index[None, :] != ids[:, None]
+    return jnp.sum(above, axis=1, dtype=jnp.int32)
+
+  counts = lax.map(count_one, (targets["ids"].T, targets["scores"].T), batch_size=target_group)
+  return jnp.where(targets["ids"] >= 0, counts.T, 0)
+
+
+def _ranks_from_counts(counts, targets, indices) -> np.ndarray:
+  """Ranks from the counts, made consistent with the returned list: a target found in the top k
+  has its position there; one not found ranks below k (its counted rank can differ from the list
+  only by float rounding between the gathered and the chunk's dot products, i.e. near-ties)."""
+  k = indices.shape[1]
+  ranks = np.maximum(counts + 1, k + 1)
+  hit = targets[:, :, None] == indices[:, None, :]  # [Q, R, k]
+  found = hit.any(axis=-1) & (targets >= 0)
+  ranks = np.where(found, hit.argmax(axis=-1) + 1, ranks)
+  return np.where(targets >= 0, ranks, 0).astype(np.int64)
+
+
+class _CorpusProgress:
+  """Corpus rows searched, rate and ETA on stderr, at most every `interval` seconds."""
+
+  def __init__(self, total: int, desc: str | None, interval: float = 10.0):
+    self.total, self.desc, self.interval = total, desc, interval
+    self.start = self.last = time.time()
+    self.done = 0
+
+  def update(self, rows: int) -> None:
+    self.done += rows
+    now = time.time()
+    if self.desc and (now - self.last >= self.interval or self.done >= self.total):
+      self.last = now
+      elapsed = now - self.start
+      rate = self.done / max(elapsed, 1e-9)
+      eta = (self.total - self.done) / max(rate, 1e-9)
+      print(f"{self.desc}: {self.done}/{self.total} documents, {rate:.0f}/s, "
+            f"elapsed {elapsed:.0f}s, ETA {eta:.0f}s", file=sys.stderr, flush=True)
+
+
+def peak_block_bytes(query_chunk_size: int, chunk_size: int, dim: int, k: int,
+                     num_devices: int = 1, itemsize: int = 4) -> int:
+  """Bytes of the per-device working set of one step: the corpus chunk's rows, the query chunk,
+  the [query chunk, local rows] score block and the top-k lists (what bounds device memory)."""
+  local_rows = math.ceil(chunk_size / num_devices)
+  return (local_rows * dim * itemsize + query_chunk_size * dim * itemsize
+          + query_chunk_size * local_rows * 4 + query_chunk_size * (k * (num_devices + 2)) * 8)
