@@ -175,9 +175,13 @@ def search_with_ranks(queries, corpus, k: int, *, targets=None, chunk_size: int 
 
 # --- inputs -----------------------------------------------------------------------------------
 def _as_host_or_device(x):
-  """jax arrays stay as they are (sliced on device); anything else becomes a NumPy array, a
-  memory map staying a memory map (rows are read chunk by chunk)."""
-  return x if isinstance(x, jax.Array) else np.asarray(x)
+  """jax arrays stay as they are (sliced on device), NumPy arrays (memory maps included) and
+  row-addressable views such as store.ShardedEmbeddings too: rows are read chunk by chunk.
+  Anything else (lists) becomes a NumPy array."""
+  if isinstance(x, (jax.Array, np.ndarray)) or (
+      hasattr(x, "shape") and hasattr(x, "ndim") and hasattr(x, "__getitem__")):
+    return x
+  return np.asarray(x)
 
 
 def _check_shapes(queries, corpus, k: int) -> tuple[int, int, int]:
