@@ -1,13 +1,16 @@
-r"""Evaluates a retriever on the LAReQA grid (XQuAD-R, MLQA-R) or a BEIR-format set.
+r"""Evaluates a retriever on the LAReQA grid (XQuAD-R, MLQA-R), a BEIR-format set or MKQA.
 
     python -m hybrid_jax.evaluate --model=HF_DIR --dataset=xquad-r
     python -m hybrid_jax.evaluate --config=configs/xlmr_hybrid.py --workdir=DIR [--step=best]
     python -m hybrid_jax.evaluate --embeddings=DIR --dataset=mlqa-r --languages=en,de,zh
     python -m hybrid_jax.evaluate --workdir=DIR --dataset=mlqa-r --part=test   # held-out articles
     python -m hybrid_jax.evaluate --model=HF_DIR --dataset=beir --data_dir=miracl/sw
+    python -m hybrid_jax.evaluate --model=HF_DIR --dataset=mkqa --mkqa_file=mkqa.jsonl.gz \
+        --corpus_dir=wiki_en --languages=de,ja,zh_cn
 
 Writes results.json, results.md, settings.csv, per_query.npz, grid_map.png and
-rank_distance.png to --output_dir (see hybrid_jax/eval/report.py). All logic lives in
+rank_distance.png to --output_dir (see hybrid_jax/eval/report.py); beir and mkqa search the whole
+corpus (hybrid_jax/search/corpus_eval.py) and also write run.trec. All logic lives in
 hybrid_jax.eval.runner; this file only parses flags.
 """
 
@@ -51,6 +54,25 @@ _HELDOUT_UNIT = flags.DEFINE_enum("heldout_unit", "", ["", "article", "paragraph
                                   "Held-out grouping ('': the run's, else article).")
 _HELDOUT_SEED = flags.DEFINE_integer("heldout_seed", -1, "Held-out seed (-1: the run's, else 0).")
 _SPLIT = flags.DEFINE_string("beir_split", "test", "BEIR qrels split: qrels/<split>.tsv.")
+_MKQA_FILE = flags.DEFINE_string("mkqa_file", "", "mkqa: the official mkqa.jsonl or .jsonl.gz.")
+_CORPUS_DIR = flags.DEFINE_string("corpus_dir", "",
+                                  "mkqa: BEIR-format corpus directory (corpus.jsonl) to search.")
+_ANSWER_LANG = flags.DEFINE_enum(
+    "answer_language", "en", ["en", "query"], "mkqa: match the English answers (an English "
+    "corpus, BGE-M3's setting) or the answers in the query's language.")
+_CORPUS_STORE = flags.DEFINE_string(
+    "corpus_store", "", "beir / mkqa: directory of the corpus embedding shards (default "
+    "<output_dir>/embeddings/corpus); reused when model and corpus match, resumed when an "
+    "earlier run was interrupted.")
+_SHARD_SIZE = flags.DEFINE_integer("store_shard_size", 100_000,
+                                   "beir / mkqa: passages per embedding shard (unit of resume).")
+_STORE_DTYPE = flags.DEFINE_enum("store_dtype", "float32", ["float32", "float16"],
+                                 "beir / mkqa: dtype of the stored corpus embeddings.")
+_TREC_DEPTH = flags.DEFINE_integer("trec_depth", 0, "beir / mkqa: documents per query in "
+                                   "run.trec (0: 1000 for beir, 100 for mkqa).")
+_SEARCH_DTYPE = flags.DEFINE_enum("search_dtype", "float32", ["float32", "bfloat16"],
+                                  "beir / mkqa: embeddings dtype in the exact search (scores "
+                                  "accumulate in float32).")
 _OUTPUT_DIR = flags.DEFINE_string(
     "output_dir", "", "Where results go (default: <workdir>/eval/<dataset>-step<step>, else "
     "eval_results/<source>/<dataset>). Embeddings are cached in <output_dir>/embeddings.")
@@ -82,7 +104,11 @@ def main(argv):
       dataset=_DATASET.value, data_dir=_DATA_DIR.value, languages=tuple(_LANGUAGES.value),
       candidate_context=_CONTEXT.value, part=_PART.value,
       heldout_fraction=_HELDOUT_FRACTION.value, heldout_unit=_HELDOUT_UNIT.value,
-      heldout_seed=_HELDOUT_SEED.value, beir_split=_SPLIT.value, model=_MODEL.value,
+      heldout_seed=_HELDOUT_SEED.value, beir_split=_SPLIT.value, mkqa_file=_MKQA_FILE.value,
+      corpus_dir=_CORPUS_DIR.value, answer_language=_ANSWER_LANG.value,
+      corpus_store=_CORPUS_STORE.value, store_shard_size=_SHARD_SIZE.value,
+      store_dtype=_STORE_DTYPE.value, trec_depth=_TREC_DEPTH.value,
+      search_dtype=_SEARCH_DTYPE.value, model=_MODEL.value,
       workdir=_WORKDIR.value, step=_STEP.value, config=_CONFIG.value,
       embeddings=_EMBEDDINGS.value, export_embeddings=_EXPORT.value, output_dir=_OUTPUT_DIR.value,
       query_prefix=_QUERY_PREFIX.value, passage_prefix=_PASSAGE_PREFIX.value,

@@ -13,9 +13,10 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import gzip
 import json
 import os
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -138,33 +139,45 @@ def from_lareqa(data_dir: str, languages: Iterable[str] | None = None, *,
       relevant=[[(c, 1.0) for c in sorted(gold_by_id[q.id])] for q in questions])
 
 
-def _read_jsonl(path: str, required: Sequence[str]) -> list[dict]:
+def iter_jsonl(path: str, required: Sequence[str], *,
+               error: type[errors.UserError] = CollectionError,
+               what: str = "BEIR file") -> Iterator[tuple[int, dict]]:
+  """(line number, object) of each non-empty line of a JSONL file (.jsonl.gz read compressed),
+  streamed; a line that is not a JSON object, or lacks a required field, is an `error` naming
+  file:line and the field."""
   if not os.path.isfile(path):
-    raise CollectionError(f"BEIR file {path} does not exist (a BEIR directory holds corpus.jsonl, "
-                          "queries.jsonl and qrels/<split>.tsv).")
-  rows = []
+    raise error(f"{what} {path} does not exist (a BEIR directory holds corpus.jsonl, "
+                "queries.jsonl and qrels/<split>.tsv).")
   try:
-    with open(path, encoding="utf-8") as f:
+    with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz")
+          else open(path, encoding="utf-8")) as f:
       for line_no, line in enumerate(f, 1):
         if not line.strip():
           continue
         try:
           row = json.loads(line)
         except json.JSONDecodeError as e:
-          raise CollectionError(f"{path}:{line_no}: not a JSON object: {e}") from e
+          raise error(f"{path}:{line_no}: not a JSON object: {e}") from e
+        if not isinstance(row, dict):
+          raise error(f"{path}:{line_no}: expected a JSON object, found {type(row).__name__}")
         missing = [k for k in required if k not in row]
         if missing:
-          raise CollectionError(f"{path}:{line_no}: missing field(s) {missing}; expected "
-                                f"{list(required)}")
-        rows.append(row)
-  except (OSError, UnicodeDecodeError) as e:
-    raise CollectionError(f"cannot read {path}: {e}") from e
+          raise error(f"{path}:{line_no}: missing field(s) {missing}; expected "
+                      f"{list(required)}")
+        yield line_no, row
+  except (OSError, UnicodeDecodeError, EOFError) as e:
+    raise error(f"cannot read {path}: {e}") from e
+
+
+def _read_jsonl(path: str, required: Sequence[str]) -> list[dict]:
+  rows = [row for _, row in iter_jsonl(path, required)]
   if not rows:
     raise CollectionError(f"{path} is empty; expected one JSON object per line.")
   return rows
 
 
-def _read_qrels(path: str) -> dict[str, dict[str, float]]:
+def read_qrels(path: str) -> dict[str, dict[str, float]]:
+  """{query id: {corpus id: score}} of a BEIR qrels TSV (header optional)."""
   if not os.path.isfile(path):
     qrels_dir = os.path.dirname(path)
     found = sorted(os.listdir(qrels_dir)) if os.path.isdir(qrels_dir) else []
@@ -190,6 +203,26 @@ def _read_qrels(path: str) -> dict[str, dict[str, float]]:
   return qrels
 
 
+def check_qrels_documents(qrels: dict[str, dict[str, float]], doc_ids, qrels_path: str,
+                          corpus_path: str) -> None:
+  """Every document the qrels name is in the corpus (a judged document missing from the corpus
+  would silently count as never retrieved)."""
+  unknown = sorted({d for q in qrels.values() for d in q if d not in doc_ids})
+  if unknown:
+    queries = sorted(q for q, docs in qrels.items() if any(d not in doc_ids for d in docs))
+    raise CollectionError(
+        f"{qrels_path} names {len(unknown)} corpus ids missing from {corpus_path}, e.g. "
+        f"{unknown[:3]} (judged for queries {queries[:3]}); expected every qrels corpus-id to be "
+        "an _id of corpus.jsonl. Check that qrels and corpus come from the same dataset version, "
+        "or remove the stale qrels lines.")
+
+
+def beir_doc_text(doc: dict) -> str:
+  """A BEIR document as encoders read it: "title text" (the title omitted when empty)."""
+  title = (doc.get("title") or "").strip()
+  return f"{title} {doc['text']}" if title else doc["text"]
+
+
 def from_beir(data_dir: str, *, split: str = "test", lang: str | None = None,
               name: str | None = None) -> Collection:
   """One BEIR-format directory: corpus.jsonl (_id, title, text), queries.jsonl, qrels/<split>.tsv.
@@ -200,29 +233,23 @@ def from_beir(data_dir: str, *, split: str = "test", lang: str | None = None,
   lang = lang or os.path.basename(os.path.normpath(data_dir))
   corpus = _read_jsonl(os.path.join(data_dir, "corpus.jsonl"), ("_id", "text"))
   queries = _read_jsonl(os.path.join(data_dir, "queries.jsonl"), ("_id", "text"))
-  qrels = _read_qrels(os.path.join(data_dir, "qrels", f"{split}.tsv"))
+  qrels = read_qrels(os.path.join(data_dir, "qrels", f"{split}.tsv"))
   cand_index = {str(d["_id"]): i for i, d in enumerate(corpus)}
   query_rows = [q for q in queries if str(q["_id"]) in qrels]
   if not query_rows:
     raise CollectionError(f"{data_dir}: none of the {len(queries)} queries appears in "
                           f"qrels/{split}.tsv; do the ids match?")
-  unknown_docs = {d for q in qrels.values() for d in q} - set(cand_index)
-  if unknown_docs:
-    raise CollectionError(f"{data_dir}: qrels/{split}.tsv names {len(unknown_docs)} corpus ids "
-                          f"missing from corpus.jsonl, e.g. {sorted(unknown_docs)[:3]}")
+  check_qrels_documents(qrels, cand_index, os.path.join(data_dir, "qrels", f"{split}.tsv"),
+                        os.path.join(data_dir, "corpus.jsonl"))
   relevant = []
   for q in query_rows:
     rel = qrels[str(q["_id"])]
     relevant.append(sorted((cand_index[d], g) for d, g in rel.items() if g > 0))
-
-  def doc_text(d: dict) -> str:
-    title = (d.get("title") or "").strip()
-    return f"{title} {d['text']}" if title else d["text"]
 
   return Collection(
       name=name or os.path.basename(os.path.normpath(data_dir)), languages=[lang],
       query_uids=[str(q["_id"]) for q in query_rows], query_texts=[q["text"] for q in query_rows],
       query_langs=[lang] * len(query_rows),
       candidate_uids=[str(d["_id"]) for d in corpus],
-      candidate_texts=[doc_text(d) for d in corpus], candidate_langs=[lang] * len(corpus),
+      candidate_texts=[beir_doc_text(d) for d in corpus], candidate_langs=[lang] * len(corpus),
       relevant=relevant, cross_lingual=False)

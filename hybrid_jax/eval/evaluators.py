@@ -8,8 +8,9 @@ evaluation inside training (eval/periodic.py):
     scalars = scalar_metrics(results, prefix="xquad_r")       # for metric writers
 
 Types (the `type` of a config.evals spec, eval/defaults.py): "lareqa" (XQuAD-R / MLQA-R
-directory), "beir" (a BEIR-format directory) and "synthetic" (the built-in synthetic data's
-held-out ids, eval/synthetic_eval.py). `EVALUATOR_CLASSES` maps each to its class and is the only
+directory), "beir" (a BEIR-format directory, searched at corpus scale: search/beir_eval.py),
+"synthetic" (the built-in synthetic data's held-out ids, eval/synthetic_eval.py) and "mkqa"
+(MKQA queries against a BEIR-format corpus, answer recall: search/mkqa.py). `EVALUATOR_CLASSES` maps each to its class and is the only
 list of them: `EVALUATOR_TYPES` (the trainer's config check), `build_evaluators` (config.evals)
 and the evaluate command line (eval/runner.py) all read it. The base class lives in
 eval/grid_evaluator.py, so that type modules import it and this module imports them, never the
@@ -28,6 +29,8 @@ from hybrid_jax.data import lareqa
 from hybrid_jax.eval import collection as collection_lib
 from hybrid_jax.eval import grid_evaluator
 from hybrid_jax.eval import synthetic_eval
+from hybrid_jax.search import beir_eval
+from hybrid_jax.search import mkqa
 
 # The base names, for callers that build evaluators by hand (benchmarks, notebooks).
 EmbedFn = grid_evaluator.EmbedFn
@@ -35,6 +38,11 @@ GridEvaluator = grid_evaluator.GridEvaluator
 EvaluatorConfigError = grid_evaluator.EvaluatorConfigError
 
 LAREQA_DATASETS = ("xquad-r", "mlqa-r")
+
+# Corpus-scale evaluators (search/corpus_eval.py): the same constructor arguments, `collection`
+# and `evaluate`, so config.evals, periodic evaluation and the command line treat them alike.
+BeirEvaluator = beir_eval.BeirEvaluator
+MkqaEvaluator = mkqa.MkqaEvaluator
 
 
 class UnknownEvaluatorTypeError(EvaluatorConfigError):
@@ -81,33 +89,11 @@ class LareqaEvaluator(GridEvaluator):
                                       part=self.part, heldout=self.heldout)
 
 
-class BeirEvaluator(GridEvaluator):
-  """A BEIR-format directory (MIRACL-style monolingual set): corpus, queries, qrels/<split>.tsv."""
-
-  type_name = "beir"
-
-  def __init__(self, data_dir: str, split: str = "test", lang: str | None = None,
-               name: str | None = None, **kwargs):
-    super().__init__(**kwargs)
-    if not data_dir:
-      raise EvaluatorConfigError("BeirEvaluator needs data_dir (a directory with corpus.jsonl, "
-                                 "queries.jsonl and qrels/<split>.tsv)")
-    self.data_dir, self.split, self.lang = data_dir, split, lang
-    self.name = name or os.path.basename(os.path.normpath(data_dir))
-
-  @classmethod
-  def from_spec(cls, name: str, spec: Mapping, **common) -> "BeirEvaluator":
-    return cls(spec.get("data_dir", ""), spec.get("split", "test"), spec.get("lang") or None,
-               name, **common)
-
-  def _load_collection(self) -> collection_lib.Collection:
-    return collection_lib.from_beir(self.data_dir, split=self.split, lang=self.lang, name=self.name)
-
-
 # type name -> class; read-only, so that no caller grows a private list of its own.
-EVALUATOR_CLASSES: Mapping[str, type[GridEvaluator]] = types.MappingProxyType({
+EVALUATOR_CLASSES: Mapping[str, type] = types.MappingProxyType({
     cls.type_name: cls
-    for cls in (LareqaEvaluator, BeirEvaluator, synthetic_eval.SyntheticEvaluator)})
+    for cls in (LareqaEvaluator, BeirEvaluator, synthetic_eval.SyntheticEvaluator,
+                MkqaEvaluator)})
 EVALUATOR_TYPES: tuple[str, ...] = tuple(EVALUATOR_CLASSES)
 
 

@@ -32,10 +32,11 @@ def _mean(values: np.ndarray) -> float:
 
 
 def _setting_entry(values: Mapping[str, np.ndarray], rows: np.ndarray, column: int,
-                   rank_distance: np.ndarray | None = None) -> dict:
+                   rank_distance: np.ndarray | None = None,
+                   metrics: Sequence[str] = METRICS) -> dict:
   """Means over the rows (queries) of one setting column; skipped = rows with NaN."""
-  evaluated = rows[~np.isnan(values["map"][rows, column])]
-  entry = {m: _mean(values[m][evaluated, column]) for m in METRICS}
+  evaluated = rows[~np.isnan(values[metrics[0]][rows, column])]
+  entry = {m: _mean(values[m][evaluated, column]) for m in metrics}
   if rank_distance is not None:
     entry["rank_distance"] = _mean(rank_distance[evaluated])
   entry["num_queries"] = int(len(evaluated))
@@ -53,8 +54,15 @@ def _macro(entries: Sequence[dict], keys: Sequence[str]) -> dict:
 
 
 def summarize(collection: collection_lib.Collection, per_query: metrics_lib.PerQueryMetrics,
-              groups: Mapping[str, Sequence[str]] | None = None) -> dict:
-  """The results dict (results.json schema in DESIGN.md) of one scored collection."""
+              groups: Mapping[str, Sequence[str]] | None = None, *, pool_only: bool = False,
+              metrics: Sequence[str] = METRICS, rank_distance: bool = True) -> dict:
+  """The results dict (results.json schema in DESIGN.md) of one scored collection.
+
+  pool_only: only the X->all settings were scored (a corpus-scale search of one multilingual
+  corpus, search/corpus_eval.py): `settings` stays empty and only the multilingual summary is
+  filled, even with one query language. `metrics`: the per-query metrics to average (the first
+  one decides which queries were evaluated); `rank_distance`: whether to average it too.
+  """
   langs = collection.languages
   query_lang = np.array(collection.query_langs)
   rows_of = {x: np.flatnonzero(query_lang == x) for x in langs}
@@ -62,42 +70,47 @@ def summarize(collection: collection_lib.Collection, per_query: metrics_lib.PerQ
   values = per_query.values
 
   settings = []
-  for x in query_langs:
+  for x in query_langs if not pool_only else ():
     for y_index, y in enumerate(langs):
       if x != y and not collection.cross_lingual:
         continue
       entry = {"query_lang": x, "candidate_lang": y}
-      entry.update(_setting_entry(values, rows_of[x], y_index))
+      entry.update(_setting_entry(values, rows_of[x], y_index, metrics=metrics))
       settings.append(entry)
 
-  multilingual = collection.cross_lingual and len(langs) > 1
+  multilingual = pool_only or (collection.cross_lingual and len(langs) > 1)
+  pool_metrics = tuple(metrics) + (("rank_distance",) if rank_distance else ())
   by_lang = []
   if multilingual:
     for x in query_langs:
       entry = {"query_lang": x}
-      entry.update(_setting_entry(values, rows_of[x], len(langs), per_query.rank_distance))
+      entry.update(_setting_entry(values, rows_of[x], len(langs),
+                                  per_query.rank_distance if rank_distance else None, metrics))
       by_lang.append(entry)
 
   groups = {name: [x for x in members if x in langs] for name, members in (groups or {}).items()}
   groups = {name: members for name, members in groups.items() if members}
   mono = [s for s in settings if s["query_lang"] == s["candidate_lang"]]
   cross = [s for s in settings if s["query_lang"] != s["candidate_lang"]]
-  summary = {"monolingual": _macro(mono, METRICS)}
-  for name, members in groups.items():
-    _add_group(summary["monolingual"], name, [s for s in mono if s["query_lang"] in members])
+  summary = {"monolingual": _macro(mono, metrics) if not pool_only else None}
+  for name, members in groups.items() if not pool_only else ():
+    _add_group(summary["monolingual"], name, [s for s in mono if s["query_lang"] in members],
+               metrics)
   if cross:
-    summary["cross_lingual"] = _macro(cross, METRICS)
+    summary["cross_lingual"] = _macro(cross, metrics)
     for name, members in groups.items():
       _add_group(summary["cross_lingual"], name,
-                 [s for s in cross if s["query_lang"] in members or s["candidate_lang"] in members])
+                 [s for s in cross if s["query_lang"] in members or s["candidate_lang"] in members],
+                 metrics)
   else:
     summary["cross_lingual"] = None
   if multilingual:
-    summary["multilingual"] = _macro(by_lang, METRICS + ("rank_distance",))
-    summary["multilingual"]["map_micro"] = _mean(values["map"][:, len(langs)])
+    summary["multilingual"] = _macro(by_lang, pool_metrics)
+    if "map" in metrics:
+      summary["multilingual"]["map_micro"] = _mean(values["map"][:, len(langs)])
     for name, members in groups.items():
       _add_group(summary["multilingual"], name, [e for e in by_lang if e["query_lang"] in members],
-                 METRICS + ("rank_distance",))
+                 pool_metrics)
   else:
     summary["multilingual"] = None
 

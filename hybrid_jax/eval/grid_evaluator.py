@@ -205,5 +205,27 @@ class GridEvaluator:
                           meta: dict | None = None) -> dict:
     per_query, results = self.score(query_emb, candidate_emb)
     if output_dir:
-      report.write_all(output_dir, self.collection, per_query, results, header_lines, meta)
+      self.write_reports(output_dir, per_query, results, header_lines, meta)
     return results
+
+  # --- what the evaluate command line calls (search/corpus_eval.py has the same methods) --------
+  def load_embeddings(self, directory: str) -> tuple[np.ndarray, np.ndarray]:
+    """Precomputed embeddings (eval/embeddings_io.py format) in the collection's order."""
+    col = self.collection
+    return embeddings_io.load_for(directory, col.query_uids, col.candidate_uids)
+
+  def export_embeddings(self, directory: str, query_emb: np.ndarray,
+                        candidate_emb: np.ndarray) -> None:
+    embeddings_io.save(directory, "queries", self.collection.query_uids, query_emb)
+    embeddings_io.save(directory, "candidates", self.collection.candidate_uids, candidate_emb)
+
+  def write_reports(self, output_dir: str, per_query: metrics_lib.PerQueryMetrics, results: dict,
+                    header_lines: Sequence[str] = (), meta: dict | None = None) -> list[str]:
+    return report.write_all(output_dir, self.collection, per_query, results, header_lines, meta)
+
+  def summary_table(self, results: dict) -> str:
+    return report.summary_table(results)
+
+  def run_info(self) -> dict:
+    """Evaluator-specific fields of results_meta.json (none for the grid)."""
+    return {}

@@ -122,14 +122,16 @@ def _group_table(results: dict) -> str | None:
 def map_matrix(results: dict) -> tuple[list[str], list[str], np.ndarray]:
   """mAP grid [query lang, candidate lang (+ pool)] with NaN where a setting has no query."""
   langs = results["languages"]
-  query_langs = sorted({s["query_lang"] for s in results["settings"]}, key=langs.index)
+  # Query languages of either kind of entry: a corpus-scale search scores only X->all.
+  query_langs = sorted({e["query_lang"] for e in results["settings"]
+                        + results["multilingual_by_lang"]}, key=langs.index)
   cand_cols = list(langs) + ([grid_lib.POOL] if results["multilingual_by_lang"] else [])
   grid = np.full((len(query_langs), len(cand_cols)), np.nan)
   for s in results["settings"]:
-    if s["map"] is not None:
+    if s.get("map") is not None:
       grid[query_langs.index(s["query_lang"]), cand_cols.index(s["candidate_lang"])] = s["map"]
   for e in results["multilingual_by_lang"]:
-    if e["map"] is not None:
+    if e.get("map") is not None:
       grid[query_langs.index(e["query_lang"]), -1] = e["map"]
   return query_langs, cand_cols, grid
 

@@ -2,7 +2,8 @@
 
 Sources (exactly one): a Hugging Face model directory, a training workdir (checkpoint step), or
 a directory of precomputed embeddings (embeddings_io format). Datasets: XQuAD-R / MLQA-R (LAReQA
-directories) or one BEIR-format directory.
+directories), the synthetic data, and the corpus-scale ones (search/corpus_eval.py): one
+BEIR-format directory, or MKQA queries against a BEIR-format corpus.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from typing import Sequence
 import numpy as np
 
 from hybrid_jax import errors
-from hybrid_jax.eval import embeddings_io
 from hybrid_jax.eval import evaluators as evaluators_lib
 from hybrid_jax.eval import report
 from hybrid_jax.eval import synthetic_eval
@@ -49,6 +49,14 @@ class RunOptions:
   heldout_unit: str = ""  # "": the run's, else article
   heldout_seed: int = -1  # -1: the run's, else 0
   beir_split: str = "test"
+  mkqa_file: str = ""  # mkqa: the official mkqa.jsonl[.gz]
+  corpus_dir: str = ""  # mkqa: the BEIR-format corpus directory (corpus.jsonl)
+  answer_language: str = "en"  # mkqa: "en" or "query" (the query's own language)
+  corpus_store: str = ""  # beir / mkqa: corpus embedding store ("" = <output_dir>/embeddings/corpus)
+  store_shard_size: int = 100_000  # passages per store shard (the unit of resume)
+  store_dtype: str = "float32"  # float32 | float16 on disk
+  trec_depth: int = 0  # documents per query in run.trec (0: beir 1000, mkqa 100)
+  search_dtype: str = "float32"  # float32 | bfloat16 embeddings in the exact search
   model: str = ""
   workdir: str = ""
   step: str = "best"
@@ -91,8 +99,11 @@ def _source_name(opts: RunOptions) -> str:
 
 def default_output_dir(opts: RunOptions) -> str:
   """<workdir>/eval/<dataset>-step<step> for a training run, else eval_results/<source>/<dataset>."""
-  dataset = opts.dataset if opts.dataset != "beir" else (
-      "beir-" + os.path.basename(os.path.normpath(opts.data_dir)))
+  dataset = opts.dataset
+  if opts.dataset == "beir":
+    dataset = "beir-" + os.path.basename(os.path.normpath(opts.data_dir))
+  elif opts.dataset == "mkqa":
+    dataset = f"mkqa-{os.path.basename(os.path.normpath(opts.corpus_dir))}-{opts.answer_language}"
   if opts.candidate_context:
     dataset += "-context"
   if opts.part != "all":
@@ -117,6 +128,13 @@ def _validate(opts: RunOptions) -> None:
   if opts.dataset == "beir" and len(opts.languages) > 1:
     raise EvaluateUsageError("--dataset=beir reads one directory (one language); --languages "
                              "takes at most one code there, used as its label")
+  if opts.dataset == "mkqa" and not (opts.mkqa_file and opts.corpus_dir):
+    raise EvaluateUsageError("--dataset=mkqa needs --mkqa_file (the official mkqa.jsonl or "
+                             ".jsonl.gz) and --corpus_dir (a BEIR directory with corpus.jsonl)")
+  if opts.mkqa_file and not os.path.isfile(opts.mkqa_file):
+    raise MissingPathError(f"--mkqa_file={opts.mkqa_file!r} is not a file (found "
+                           f"{'a directory' if os.path.isdir(opts.mkqa_file) else 'nothing'}); "
+                           "expected MKQA's mkqa.jsonl or mkqa.jsonl.gz")
   if opts.embeddings and opts.export_embeddings:
     raise EvaluateUsageError("--export_embeddings writes embeddings computed by --model or "
                              "--workdir; with --embeddings they already exist")
@@ -132,6 +150,8 @@ _EXPECTED_DIRECTORIES = {
                 "checkpoints/)", "pass the --workdir the run was trained with"),
     "embeddings": ("an embeddings directory (queries.npy, queries.uids.txt, candidates.npy, "
                    "candidates.uids.txt)", "write one with --export_embeddings"),
+    "corpus_dir": ("a BEIR-format corpus directory (corpus.jsonl: _id, title, text)",
+                   "convert one, e.g. python -m hybrid_jax.search.convert_lareqa --out=DIR"),
     "data_dir": ("the evaluation data (LAReQA: one <lang>.json per language; BEIR: corpus.jsonl, "
                  "queries.jsonl, qrels/<split>.tsv)",
                  "leave --data_dir out to read $HYBRID_JAX_DATA/<dataset> (LAReQA)"),
@@ -206,9 +226,17 @@ def evaluator_spec(opts: RunOptions) -> dict:
     if opts.part != "all":
       spec.update(heldout_split(opts))
     return spec
+  corpus_options = {"corpus_store": opts.corpus_store, "store_shard_size": opts.store_shard_size,
+                    "store_dtype": opts.store_dtype, "trec_depth": opts.trec_depth,
+                    "search_dtype": opts.search_dtype}
   if opts.dataset == evaluators_lib.BeirEvaluator.type_name:
     return {"type": opts.dataset, "data_dir": opts.data_dir, "split": opts.beir_split,
-            "lang": opts.languages[0] if opts.languages else None, "groups": groups}
+            "lang": opts.languages[0] if opts.languages else None, "groups": groups,
+            **corpus_options}
+  if opts.dataset == evaluators_lib.MkqaEvaluator.type_name:
+    return {"type": opts.dataset, "mkqa_file": opts.mkqa_file, "corpus_dir": opts.corpus_dir,
+            "languages": tuple(opts.languages), "answer_language": opts.answer_language,
+            "groups": groups, **corpus_options}
   # The run's generator spec: a :runlocal run's held-out ids exist only for the spec it used.
   return synthetic_eval.complete_spec({"type": opts.dataset, "groups": groups},
                                       _run_data_config(opts))
@@ -318,8 +346,7 @@ def run(opts: RunOptions, argv: Sequence[str] = ()) -> dict:
 
   embed_started = time.time()
   if opts.embeddings:
-    query_emb, cand_emb = embeddings_io.load_for(opts.embeddings, collection.query_uids,
-                                                 collection.candidate_uids)
+    query_emb, cand_emb = evaluator.load_embeddings(opts.embeddings)
     description = f"embeddings {opts.embeddings}"
   else:
     embed_queries, embed_passages, key, description = _model_embedders(opts)
@@ -327,8 +354,7 @@ def run(opts: RunOptions, argv: Sequence[str] = ()) -> dict:
         embed_queries, cache_dir=os.path.join(output_dir, "embeddings"), cache_key=key,
         passage_embed_fn=embed_passages)
     if opts.export_embeddings:
-      embeddings_io.save(opts.export_embeddings, "queries", collection.query_uids, query_emb)
-      embeddings_io.save(opts.export_embeddings, "candidates", collection.candidate_uids, cand_emb)
+      evaluator.export_embeddings(opts.export_embeddings, query_emb, cand_emb)
       log(f"exported embeddings to {opts.export_embeddings}")
   embed_seconds = time.time() - embed_started
 
@@ -352,8 +378,9 @@ def run(opts: RunOptions, argv: Sequence[str] = ()) -> dict:
             f"{collection.num_queries} queries, {collection.num_candidates} candidates. "
             f"Wall time {wall:.1f}s (encoding {embed_seconds:.1f}s, scoring {score_seconds:.1f}s).",
             "", f"    {command}"]
-  written = report.write_all(output_dir, collection, per_query, results, header, meta)
-  print(report.summary_table(results))
+  meta.update(evaluator.run_info())
+  written = evaluator.write_reports(output_dir, per_query, results, header, meta)
+  print(evaluator.summary_table(results))
   log(f"wrote {', '.join(os.path.basename(p) for p in written)} to {output_dir} "
       f"(wall time {wall:.1f}s)")
   return results

@@ -11,14 +11,14 @@ from hybrid_jax.eval import synthetic_eval
 
 
 def test_one_registry_of_types():
-  assert evaluators.EVALUATOR_TYPES == ("lareqa", "beir", "synthetic")
+  assert evaluators.EVALUATOR_TYPES == ("lareqa", "beir", "synthetic", "mkqa")
   assert {t: cls.type_name for t, cls in evaluators.EVALUATOR_CLASSES.items()} == {
       t: t for t in evaluators.EVALUATOR_TYPES}
   assert evaluators.EVALUATOR_CLASSES["synthetic"] is synthetic_eval.SyntheticEvaluator
   with pytest.raises(TypeError):
     evaluators.EVALUATOR_CLASSES["mine"] = evaluators.GridEvaluator  # read-only
   # The evaluate command's --dataset: the LAReQA sets, then every other registered type.
-  assert runner.DATASETS == ("xquad-r", "mlqa-r", "beir", "synthetic")
+  assert runner.DATASETS == ("xquad-r", "mlqa-r", "beir", "synthetic", "mkqa")
 
 
 def test_specs_build_their_classes_without_reading_data(tmp_path):
@@ -41,7 +41,7 @@ def test_specs_build_their_classes_without_reading_data(tmp_path):
 def test_user_errors():
   with pytest.raises(evaluators.UnknownEvaluatorTypeError,
                      match=r"config\.evals\.mine\.type = 'trec'; expected one of \('lareqa', "
-                           r"'beir', 'synthetic'\)"):
+                           r"'beir', 'synthetic', 'mkqa'\)"):
     evaluators.build_evaluators({"mine": {"type": "trec"}})
   with pytest.raises(evaluators.EvaluatorConfigError, match=r"unknown LAReQA dataset 'squad'"):
     evaluators.build_evaluators({"x": {"type": "lareqa", "dataset": "squad"}})
