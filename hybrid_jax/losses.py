@@ -12,6 +12,13 @@ C_i the negatives of row i, chosen by `LossConfig`:
   mask_same_id        a positive d+_j whose question id equals row i's is dropped from C_i: in an
                       X-Y or mixed batch the same passage can appear in several languages and must
                       not be pushed away. Row i's own positive always stays.
+  mask_false_negatives  every candidate that IS row i's positive passage is dropped from C_i,
+                      whatever row or slot it came from: an in-batch positive d+_j or a hard
+                      negative d-_j (j = i included) whose passage id (data/passage_ids.py: one id
+                      per passage, shared by its translations and by identical texts) equals
+                      d+_i's. Catches what mask_same_id cannot: a neighbouring-sentence hard
+                      negative that is another row's gold sentence, and two question ids sharing
+                      one gold sentence.
   symmetric           adds the passage -> query term (d+_i against all queries, same masking) and
                       averages the two directions.
 The batch loss is the MEAN of l_i over the B rows (the paper writes a sum; the mean keeps the
@@ -51,6 +58,7 @@ Batch features each loss needs (fail fast, before compiling, via `check_batch`):
   query_input_ids, query_attention_mask, passage_input_ids, passage_attention_mask   always
   negative_input_ids, negative_attention_mask                                          hard_negatives
   question_id                                                                          mask_same_id
+  passage_id (+ negative_passage_id with hard_negatives)                         mask_false_negatives
   batch_type                                                                           always (metrics)
 """
 
@@ -88,6 +96,7 @@ class LossConfig:
   symmetric: bool = False  # add the passage -> query term
   mask_same_id: bool = True  # rows sharing a question id are never negatives of each other
   chunk_size: int = 0  # > 0: GradCache with chunks of this many rows; 0: plain
+  mask_false_negatives: bool = False  # candidates that are the row's own positive passage dropped
 
   @classmethod
   def from_train_config(cls, train_config, hard_negatives: bool = False) -> "LossConfig":
@@ -98,7 +107,8 @@ class LossConfig:
                hard_negatives=bool(hard_negatives),
                symmetric=bool(train_config.symmetric_loss),
                mask_same_id=bool(train_config.mask_same_id),
-               chunk_size=int(train_config.gradcache_chunk_size))
+               chunk_size=int(train_config.gradcache_chunk_size),
+               mask_false_negatives=bool(train_config.get("mask_false_negatives", False)))
 
   def validate(self) -> None:
     if not self.temperature > 0:
@@ -119,6 +129,10 @@ class LossConfig:
       features += ["negative_input_ids", "negative_attention_mask"]
     if self.mask_same_id:
       features.append("question_id")
+    if self.mask_false_negatives:
+      features.append("passage_id")
+      if self.hard_negatives:
+        features.append("negative_passage_id")
     return tuple(features)
 
   def check_batch(self, batch: Mapping[str, Any]) -> None:
@@ -131,6 +145,9 @@ class LossConfig:
                        "so the pipeline produces them)")
       if "question_id" in missing:
         reasons.append("mask_same_id=True needs question_id (or set train.mask_same_id=False)")
+      if any(k.endswith("passage_id") for k in missing):
+        reasons.append("mask_false_negatives=True needs passage_id / negative_passage_id (the "
+                       "data pipeline writes them; or set train.mask_false_negatives=False)")
       raise LossConfigError(
           f"the batch lacks feature(s) {missing} needed by the loss; it has {sorted(batch)}. "
           + "; ".join(reasons))
@@ -167,9 +184,18 @@ def _masked_log_softmax_at_diagonal(logits: jax.Array, same_id: jax.Array | None
   return -jnp.diagonal(log_probs)  # [B]
 
 
+def _either(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
+  """Elementwise OR of two optional masks."""
+  if a is None or b is None:
+    return b if a is None else a
+  return a | b
+
+
 def embedding_loss(query_emb: jax.Array, passage_emb: jax.Array, negative_emb: jax.Array | None,
                    question_id: jax.Array | None, batch_type: jax.Array, scale: jax.Array,
-                   config: LossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   config: LossConfig, *, passage_id: jax.Array | None = None,
+                   negative_passage_id: jax.Array | None = None
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """InfoNCE on embeddings of the GLOBAL batch.
 
   Args:
@@ -179,6 +205,8 @@ def embedding_loss(query_emb: jax.Array, passage_emb: jax.Array, negative_emb: j
     question_id: [B] int; rows with equal ids are never negatives of each other (mask_same_id).
     batch_type: [B] int in {0 mono, 1 xy, 2 mixed}, for the per-type breakdown.
     scale: scalar logit scale (1 / temperature).
+    passage_id, negative_passage_id: [B] int passage ids of the positives and hard negatives
+      (mask_false_negatives): a candidate whose passage is row i's positive is dropped for row i.
   Returns:
     (mean loss, aux) with aux: loss_per_type_sum [3], rows_per_type [3] (so means can be
     accumulated over steps), accuracy (query's positive ranked first among its candidates), scale.
@@ -186,9 +214,14 @@ def embedding_loss(query_emb: jax.Array, passage_emb: jax.Array, negative_emb: j
   query_emb = query_emb.astype(jnp.float32)
   passage_emb = passage_emb.astype(jnp.float32)
   b = query_emb.shape[0]
-  same_id = None
+  shared_positive = None  # [B, B]: positive j must not be a negative of row i
   if config.mask_same_id:
-    same_id = question_id[:, None] == question_id[None, :]  # [B, B]
+    shared_positive = question_id[:, None] == question_id[None, :]  # [B, B]
+  if config.mask_false_negatives:
+    if passage_id is None or (config.hard_negatives and negative_passage_id is None):
+      raise LossConfigError("mask_false_negatives=True but no passage ids were given")
+    # [B, B]: positive j is row i's own positive passage (symmetric).
+    shared_positive = _either(shared_positive, passage_id[:, None] == passage_id[None, :])
 
   # Query -> passage: candidates are [positives (B) | hard negatives (B)]; the label is column i.
   candidates, candidate_mask = [], []
@@ -196,8 +229,8 @@ def embedding_loss(query_emb: jax.Array, passage_emb: jax.Array, negative_emb: j
   if not config.in_batch_negatives:
     # Only the own positive survives from the positives block.
     candidate_mask.append(~jnp.eye(b, dtype=bool))
-  elif same_id is not None:
-    candidate_mask.append(same_id)
+  elif shared_positive is not None:
+    candidate_mask.append(shared_positive)
   else:
     candidate_mask.append(jnp.zeros((b, b), bool))
   candidates.append(qp)
@@ -205,7 +238,11 @@ def embedding_loss(query_emb: jax.Array, passage_emb: jax.Array, negative_emb: j
     if negative_emb is None:
       raise LossConfigError("hard_negatives=True but no negative embeddings were given")
     candidates.append(scale * query_emb @ negative_emb.astype(jnp.float32).T)  # [B, B]
-    candidate_mask.append(jnp.zeros((b, b), bool))  # a hard negative is never a positive
+    if config.mask_false_negatives:
+      # Hard negative j (j = i included) that is row i's positive passage: a false negative.
+      candidate_mask.append(passage_id[:, None] == negative_passage_id[None, :])
+    else:
+      candidate_mask.append(jnp.zeros((b, b), bool))  # assumed never a positive
   logits = jnp.concatenate(candidates, axis=1)  # [B, B or 2B]
   drop = jnp.concatenate(candidate_mask, axis=1)
   row_loss = _masked_log_softmax_at_diagonal(logits, drop)  # [B]
@@ -218,7 +255,7 @@ def embedding_loss(query_emb: jax.Array, passage_emb: jax.Array, negative_emb: j
     if not config.in_batch_negatives:
       pq_drop = ~jnp.eye(b, dtype=bool)
     else:
-      pq_drop = same_id if same_id is not None else jnp.zeros((b, b), bool)
+      pq_drop = shared_positive if shared_positive is not None else jnp.zeros((b, b), bool)
     row_loss = 0.5 * (row_loss + _masked_log_softmax_at_diagonal(pq, pq_drop))
 
   types = jax.nn.one_hot(batch_type, len(BATCH_TYPE_NAMES), dtype=jnp.float32)  # [B, 3]
@@ -251,7 +288,8 @@ def loss_on_embeddings(embeddings: dict, params: Mapping[str, Any], batch, confi
   GradCache differentiates with respect to the embeddings."""
   return embedding_loss(embeddings["query"], embeddings["passage"], embeddings.get("negative"),
                         batch.get("question_id"), batch["batch_type"], scale_of(params, config),
-                        config)
+                        config, passage_id=batch.get("passage_id"),
+                        negative_passage_id=batch.get("negative_passage_id"))
 
 
 # --- plain ----------------------------------------------------------------------------------------

@@ -38,9 +38,10 @@ BATCH, CHUNK, SEQ = 16, 4, 16
 NUM_CHUNKS = BATCH // CHUNK
 SEED, STEP = 7, 3
 TOWERS = (("query", 0), ("passage", 1), ("negative", 2))  # tower index = losses' fold_in value
-# All three towers and a trainable log_scale, so every kind of gradient leaf is compared.
+# All three towers and a trainable log_scale, so every kind of gradient leaf is compared; the
+# false-negative mask on (host_batch has hard negatives that are other rows' positives).
 LOSS = losses.LossConfig(chunk_size=CHUNK, hard_negatives=True, symmetric=True,
-                         learnable_temperature=True)
+                         learnable_temperature=True, mask_false_negatives=True)
 TOLERANCE = 1e-5
 
 
@@ -90,7 +91,9 @@ def encode_in_chunks_scanned(params, batch, keys):
 def infonce(params, embeddings, batch):
   return losses.embedding_loss(embeddings["query"], embeddings["passage"], embeddings["negative"],
                                batch["question_id"], batch["batch_type"],
-                               losses.scale_of(params, LOSS), LOSS)[0]
+                               losses.scale_of(params, LOSS), LOSS,
+                               passage_id=batch["passage_id"],
+                               negative_passage_id=batch["negative_passage_id"])[0]
 
 
 def gradcache_keys(step_key):

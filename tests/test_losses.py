@@ -45,12 +45,24 @@ def _batch(b, seed=0, dup_ids=True, lengths=(5, 7)):
     qid[5] = qid[3]
     qid[6] = qid[3]
   batch["question_id"] = qid
+  # Passage ids: one per question id, except that ids 102 and 104 share a gold passage; hard
+  # negatives are other rows' positives (rows 2, 4 -> row 0's passage; row 7 -> row 2's and
+  # row 4's, row 6 -> its own) or passages of their own (10_000 + row).
+  pid = qid.copy()
+  if b > 4:
+    pid[4] = pid[2]
+  npid = np.arange(b, dtype=np.int32) + 10_000
+  if b > 7:
+    npid[2] = npid[4] = pid[0]
+    npid[7] = pid[2]
+    npid[6] = pid[6]
+  batch["passage_id"], batch["negative_passage_id"] = pid, npid
   batch["batch_type"] = (np.arange(b) % 3 == 0).astype(np.int32)  # mono / xy rows
   return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
 # --- NumPy reference: one row at a time, straight from the formula ------------------------------
-def _reference(q, p, n, qid, btype, scale, cfg):
+def _reference(q, p, n, qid, btype, scale, cfg, pid=None, npid=None):
   q, p = np.asarray(q, np.float64), np.asarray(p, np.float64)
   b = len(q)
 
@@ -63,9 +75,12 @@ def _reference(q, p, n, qid, btype, scale, cfg):
           continue
         if cfg.mask_same_id and qid[j] == qid[i]:
           continue
+        if cfg.mask_false_negatives and pid[j] == pid[i]:
+          continue
         cands.append(scale * anchor[i] @ others_pos[j])
       if extra is not None:
-        cands += [scale * anchor[i] @ extra[j] for j in range(b)]
+        cands += [scale * anchor[i] @ extra[j] for j in range(b)
+                  if not (cfg.mask_false_negatives and npid[j] == pid[i])]
       cands = np.asarray(cands)
       values.append(-(cands[0] - np.log(np.exp(cands).sum())))
     return np.asarray(values)
@@ -78,14 +93,13 @@ def _reference(q, p, n, qid, btype, scale, cfg):
 
 
 CONFIGS = [losses.LossConfig(in_batch_negatives=ib, hard_negatives=hn, symmetric=sym,
-                             mask_same_id=mask, temperature=0.07)
-           for ib, hn, sym, mask in itertools.product([True, False], [True, False], [True, False],
-                                                      [True, False]) if ib or hn]
+                             mask_same_id=mask, mask_false_negatives=fn, temperature=0.07)
+           for ib, hn, sym, mask, fn in itertools.product(*[[True, False]] * 5) if ib or hn]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: (
     f"ib{int(c.in_batch_negatives)}-hn{int(c.hard_negatives)}-sym{int(c.symmetric)}"
-    f"-mask{int(c.mask_same_id)}"))
+    f"-mask{int(c.mask_same_id)}-fn{int(c.mask_false_negatives)}"))
 def test_embedding_loss_matches_numpy_reference(cfg):
   rng = np.random.default_rng(1)
   b = 8
@@ -94,9 +108,12 @@ def test_embedding_loss_matches_numpy_reference(cfg):
   batch = _batch(b)
   loss, aux = jax.jit(losses.embedding_loss, static_argnums=6)(
       jnp.asarray(q, jnp.float32), jnp.asarray(p, jnp.float32), jnp.asarray(n, jnp.float32),
-      batch["question_id"], batch["batch_type"], jnp.float32(1 / 0.07), cfg)
+      batch["question_id"], batch["batch_type"], jnp.float32(1 / 0.07), cfg,
+      passage_id=batch["passage_id"], negative_passage_id=batch["negative_passage_id"])
   ref_loss, ref_per_type = _reference(q, p, n, np.asarray(batch["question_id"]),
-                                      np.asarray(batch["batch_type"]), 1 / 0.07, cfg)
+                                      np.asarray(batch["batch_type"]), 1 / 0.07, cfg,
+                                      np.asarray(batch["passage_id"]),
+                                      np.asarray(batch["negative_passage_id"]))
   np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(aux["loss_per_type_sum"]), ref_per_type, rtol=1e-5)
   np.testing.assert_array_equal(np.asarray(aux["rows_per_type"]), [5, 3, 0])

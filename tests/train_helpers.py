@@ -41,7 +41,10 @@ def random_token_batch(seed: int, batch_size: int, lengths: dict, vocab_size: in
                        min_length: int, num_batch_types: int) -> dict:
   """A padded batch of random token ids for the towers in `lengths` ({"query": 8, ...}), with
   question ids repeating every 4 rows (the same question in two languages, so the same-id mask
-  matters) and batch types cycling over `num_batch_types`."""
+  matters) and batch types cycling over `num_batch_types`. Passage ids follow the question ids;
+  with a negative tower as long as the passage one, every 8th row (2, 10, ...) gets row r + 3's
+  positive as its hard negative (same tokens, same passage id): a false negative of row r + 3
+  and of the rows sharing its question, which train.mask_false_negatives drops."""
   rng = np.random.default_rng(seed)
   batch = {}
   for name, length in lengths.items():
@@ -53,5 +56,14 @@ def random_token_batch(seed: int, batch_size: int, lengths: dict, vocab_size: in
   question_id = np.arange(batch_size, dtype=np.int32)
   question_id[1::4] = question_id[0::4]
   batch["question_id"] = question_id
+  batch["passage_id"] = question_id.copy()
+  negative_passage_id = np.arange(batch_size, dtype=np.int32) + batch_size  # passages of their own
+  if "negative" in lengths and lengths["negative"] == lengths.get("passage"):
+    for row in range(2, batch_size, 8):
+      source = (row + 3) % batch_size
+      for part in ("input_ids", "attention_mask"):
+        batch[f"negative_{part}"][row] = batch[f"passage_{part}"][source]
+      negative_passage_id[row] = batch["passage_id"][source]
+  batch["negative_passage_id"] = negative_passage_id
   batch["batch_type"] = (np.arange(batch_size) % num_batch_types).astype(np.int32)
   return batch

@@ -18,8 +18,12 @@ Batch arrays (b = B / P rows on this host):
   passage_input_ids, passage_attention_mask      [b, passage_max_length] int32
   negative_input_ids, negative_attention_mask    [b, passage_max_length] int32 (hard_negatives)
   question_id   [b] int32  corpus row of the id: equal across rows <=> same question (loss mask)
+  passage_id    [b] int32  passage of the positive (data/passage_ids.py): equal <=> same passage
+  negative_passage_id [b] int32  passage of the hard negative (hard_negatives); the two let the
+                loss mask a row's own positive wherever it appears (train.mask_false_negatives)
   query_lang    [b] int32  index into TrainingData.languages
-  passage_lang  [b] int32  (the hard negative is in the passage language)
+  passage_lang  [b] int32  language of the positive; the hard negative is the one the record
+                gives for the positive's language (or, if it names one, for the row's query language)
   batch_type    [b] int32  0 mono, 1 xy, 2 mixed (row_types.ROW_TYPE_IDS)
 
 tf.data only turns plans into padded arrays: a parallel map runs the NumPy sampler per step, a
@@ -34,6 +38,7 @@ from typing import Iterator
 
 import numpy as np
 
+from hybrid_jax.data import passage_ids
 from hybrid_jax.data import records
 from hybrid_jax.data import sampler as sampler_lib
 from hybrid_jax.data import sources
@@ -43,8 +48,9 @@ from hybrid_jax.data import tokenization
 from hybrid_jax.data import tokenized
 
 BATCH_KEYS = ("query_input_ids", "query_attention_mask", "passage_input_ids",
-              "passage_attention_mask", "question_id", "query_lang", "passage_lang", "batch_type")
-NEGATIVE_KEYS = ("negative_input_ids", "negative_attention_mask")
+              "passage_attention_mask", "question_id", "passage_id", "query_lang", "passage_lang",
+              "batch_type")
+NEGATIVE_KEYS = ("negative_input_ids", "negative_attention_mask", "negative_passage_id")
 
 def resolve_tokenizer(config, data_config) -> tokenization.Tokenizer:
   """config.model.tokenizer, else the synthetic source's own, else config.model.init_from."""
@@ -101,9 +107,11 @@ class TrainingData:
                                               data_config.passage_max_length, "tokenizing passages")
     self.negatives = None
     if data_config.hard_negatives:
-      self.negatives = tokenized.tokenize_field(tokenizer, corpus.negatives,
+      # One column per negative slot (corpus.negative_table: K, or K * K by query language).
+      self.negatives = tokenized.tokenize_field(tokenizer, corpus.negative_table()[0],
                                                 data_config.passage_prefix,
                                                 data_config.passage_max_length, "tokenizing negatives")
+    self.passage_ids = passage_ids.resolve(corpus)
 
   @classmethod
   def from_config(cls, config, tokenizer: tokenization.Tokenizer | None = None) -> "TrainingData":
@@ -136,9 +144,12 @@ class TrainingData:
         plan.example, plan.query_lang)
     batch["passage_input_ids"], batch["passage_attention_mask"] = self.positives.gather(
         plan.example, plan.passage_lang)
+    negative_column = None
     if self.negatives is not None:
+      negative_column = self.corpus.negative_column(plan.query_lang, plan.passage_lang)
       batch["negative_input_ids"], batch["negative_attention_mask"] = self.negatives.gather(
-          plan.example, plan.passage_lang)
+          plan.example, negative_column)
+    batch.update(self.passage_ids.of_rows(plan.example, plan.passage_lang, negative_column))
     batch["question_id"] = plan.example.astype(np.int32)
     batch["query_lang"] = plan.query_lang.astype(np.int32)
     batch["passage_lang"] = plan.passage_lang.astype(np.int32)
@@ -159,30 +170,37 @@ class TrainingData:
   def _dataset(self, global_batch_size, host_size, start_step, process_index, process_count):
     tf = tf_runtime.import_tensorflow(self.config.tf_threads)
     tables = self._tf_tables(tf)
-    num_languages = len(self.languages)
     sampler = self.sampler
+    # The plan's int32 [b] arrays, in this order; "negative_column" only selects negative cells.
+    plan_keys = ["question_id", "query_lang", "passage_lang", "batch_type", "passage_id"]
+    if self.negatives is not None:
+      plan_keys += ["negative_column", "negative_passage_id"]
 
     def host_plan(step):  # NumPy, runs under tf.numpy_function
       plan = sampler.plan(int(step), global_batch_size).host_slice(process_index, process_count)
-      return (plan.example.astype(np.int32), plan.query_lang, plan.passage_lang,
-              np.full(host_size, plan.batch_type_id, np.int32))
+      negative_column = (self.corpus.negative_column(plan.query_lang, plan.passage_lang)
+                         if self.negatives is not None else None)
+      arrays = {"question_id": plan.example, "query_lang": plan.query_lang,
+                "passage_lang": plan.passage_lang,
+                "batch_type": np.full(host_size, plan.batch_type_id),
+                "negative_column": negative_column,
+                **self.passage_ids.of_rows(plan.example, plan.passage_lang, negative_column)}
+      return [np.asarray(arrays[key], np.int32) for key in plan_keys]
 
     def plan_op(step):
-      example, query_lang, passage_lang, batch_type = tf.numpy_function(
-          host_plan, [step], [tf.int32] * 4, stateful=False)
-      return {name: tf.ensure_shape(x, [host_size]) for name, x in
-              (("question_id", example), ("query_lang", query_lang),
-               ("passage_lang", passage_lang), ("batch_type", batch_type))}
+      arrays = tf.numpy_function(host_plan, [step], [tf.int32] * len(plan_keys), stateful=False)
+      return {name: tf.ensure_shape(x, [host_size]) for name, x in zip(plan_keys, arrays)}
 
     def arrays_op(plan):
       batch = dict(plan)
+      batch.pop("negative_column", None)
       for prefix, lang_key, table in (("query", "query_lang", "queries"),
                                       ("passage", "passage_lang", "positives"),
-                                      ("negative", "passage_lang", "negatives")):
+                                      ("negative", "negative_column", "negatives")):
         if table not in tables:
           continue
-        ragged, length = tables[table]
-        cells = plan["question_id"] * num_languages + plan[lang_key]
+        ragged, length, cells_per_example = tables[table]
+        cells = plan["question_id"] * cells_per_example + plan[lang_key]
         rows = tf.gather(ragged, cells)
         batch[f"{prefix}_input_ids"] = rows.to_tensor(
             default_value=self.tokenizer.pad_token_id, shape=[host_size, length])
@@ -209,7 +227,7 @@ class TrainingData:
         if table is not None:
           ragged = tf.RaggedTensor.from_row_splits(tf.constant(table.values),
                                                    tf.constant(table.row_splits), validate=False)
-          self._tables[name] = (ragged, table.max_length)
+          self._tables[name] = (ragged, table.max_length, table.num_languages)
     return self._tables
 
   def validation_batches(self, global_batch_size: int, process_index: int = 0,

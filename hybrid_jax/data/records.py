@@ -12,6 +12,18 @@ positive passage and optionally a hard-negative passage. On disk it is one JSON 
   meta       optional, any JSON value; ignored (provenance, notes).
 Any other key is an error, so that a typo ("postive") cannot silently drop data.
 
+Optional per-language fields (files without them read as before):
+  positive_id, negative_id   passage ids (non-empty strings): passages with equal ids are the same
+             passage, in whatever language or row they occur. Parallel passages share one id (the
+             gold sentences of one question in all its languages); a negative that is some
+             question's gold passage carries that passage's id, so the loss can mask it as a false
+             negative (data/passage_ids.py; absent ids are filled in there).
+  negatives_by_query_language   {X: {"text": ..., "id"?: ...}}: the hard negative of a row whose
+             positive is in this language and whose query is in language X (another language of
+             the record). Rows without one (X = this language, or X not listed) use "negative".
+             Written by hard-negative mining (data/mining.py), so that a cross-lingual row can get
+             a negative in its query's language.
+
 In memory, a `ParallelCorpus` stores the texts as [N, K] object arrays (N ids, K languages,
 `None` where an id lacks a language) so the sampler can select rows and languages with NumPy.
 The held-out validation split is by question id (`split_by_id`): every language of an id is on the
@@ -31,7 +43,10 @@ import numpy as np
 from hybrid_jax import errors
 
 _ALLOWED_TOP_KEYS = ("id", "languages", "meta")
-_ALLOWED_LANGUAGE_KEYS = ("query", "positive", "negative")
+_TEXT_KEYS = ("query", "positive", "negative")
+_PASSAGE_ID_KEYS = ("positive_id", "negative_id")
+_BY_QUERY_KEY = "negatives_by_query_language"
+_ALLOWED_LANGUAGE_KEYS = _TEXT_KEYS + _PASSAGE_ID_KEYS + (_BY_QUERY_KEY,)
 
 
 class DataError(errors.UserError):
@@ -39,10 +54,21 @@ class DataError(errors.UserError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Negative:
+  """A hard-negative passage and its passage id (None: derived, see data/passage_ids.py)."""
+  text: str
+  id: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class LanguageTexts:
   query: str
   positive: str
   negative: str | None = None
+  positive_id: str | None = None  # passage id of the positive (None: the question id)
+  negative_id: str | None = None  # passage id of the negative (None: derived from its text)
+  # Query language X -> the negative of rows (query X, positive this language); others: negative.
+  negatives_by_query_language: dict[str, Negative] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +80,13 @@ class ParallelExample:
     langs = {}
     for lang, texts in self.languages.items():
       entry = {"query": texts.query, "positive": texts.positive}
-      if texts.negative is not None:
-        entry["negative"] = texts.negative
+      for key in ("negative",) + _PASSAGE_ID_KEYS:
+        if getattr(texts, key) is not None:
+          entry[key] = getattr(texts, key)
+      if texts.negatives_by_query_language:
+        entry[_BY_QUERY_KEY] = {
+            x: {"text": n.text, **({"id": n.id} if n.id is not None else {})}
+            for x, n in texts.negatives_by_query_language.items()}
       langs[lang] = entry
     return {"id": self.id, "languages": langs}
 
@@ -98,12 +129,44 @@ def parse_record(record, where: str) -> ParallelExample:
     for field in ("query", "positive"):
       if field not in entry:
         _fail(where, f"{lwhere}: missing field {field!r}")
-    for field in _ALLOWED_LANGUAGE_KEYS:
+    for field in _TEXT_KEYS + _PASSAGE_ID_KEYS:
       if field in entry and (not isinstance(entry[field], str) or not entry[field].strip()):
         _fail(where, f"{lwhere}: field {field!r} must be a non-empty string, "
               f"found {entry[field]!r:.80}")
-    parsed[lang] = LanguageTexts(entry["query"], entry["positive"], entry.get("negative"))
+    if "negative_id" in entry and "negative" not in entry:
+      _fail(where, f"{lwhere}: field 'negative_id' names the passage of a 'negative', but there "
+            "is no 'negative'; add it or drop 'negative_id'")
+    by_query = _parse_negatives_by_query(entry.get(_BY_QUERY_KEY, {}), lang, set(languages),
+                                         where, lwhere)
+    parsed[lang] = LanguageTexts(entry["query"], entry["positive"], entry.get("negative"),
+                                 entry.get("positive_id"), entry.get("negative_id"), by_query)
   return ParallelExample(qid, parsed)
+
+
+def _parse_negatives_by_query(value, lang: str, record_languages: set[str], where: str,
+                              lwhere: str) -> dict[str, Negative]:
+  """The optional {X: {"text", "id"?}} field of one language entry, validated."""
+  fwhere = f"{lwhere}, field {_BY_QUERY_KEY!r}"
+  if not isinstance(value, dict):
+    _fail(where, f"{fwhere}: expected an object {{QUERY_LANG: {{\"text\": ...}}}}, found "
+          f"{type(value).__name__}")
+  parsed = {}
+  for query_lang, negative in value.items():
+    if query_lang == lang:
+      _fail(where, f"{fwhere}: key {query_lang!r} is this entry's own language; the negative of "
+            "rows whose query and positive share the language is 'negative'")
+    if query_lang not in record_languages:
+      _fail(where, f"{fwhere}: key {query_lang!r} is not a language of this record "
+            f"({sorted(record_languages)}); no row has a query in it")
+    if not isinstance(negative, dict) or set(negative) - {"text", "id"} or "text" not in negative:
+      _fail(where, f"{fwhere}[{query_lang!r}]: expected {{\"text\": str[, \"id\": str]}}, "
+            f"found {negative!r:.80}")
+    for key in negative:
+      if not isinstance(negative[key], str) or not negative[key].strip():
+        _fail(where, f"{fwhere}[{query_lang!r}]: {key!r} must be a non-empty string, found "
+              f"{negative[key]!r:.80}")
+    parsed[query_lang] = Negative(negative["text"], negative.get("id"))
+  return parsed
 
 
 def read_jsonl(path: str) -> list[ParallelExample]:
@@ -158,6 +221,12 @@ class ParallelCorpus:
   positives: np.ndarray  # [N, K] object: str or None (None exactly where queries is None)
   negatives: np.ndarray  # [N, K] object: str or None (may be None where the id exists)
   source: str = "<memory>"  # for messages: file or directory the corpus came from
+  # The optional record fields; None when no example has any (see the module docstring).
+  positive_ids: np.ndarray | None = None  # [N, K] object: passage id or None (the question id)
+  negative_ids: np.ndarray | None = None  # [N, K] object: passage id or None (from its text)
+  # [N, K, K] object: [n, k, x] = the negative of rows (query in x, positive in k) or None.
+  query_negatives: np.ndarray | None = None
+  query_negative_ids: np.ndarray | None = None  # [N, K, K] object: their passage ids or None
 
   @property
   def num_examples(self) -> int:
@@ -178,16 +247,55 @@ class ParallelCorpus:
   def subset(self, rows: np.ndarray) -> "ParallelCorpus":
     """The corpus restricted to the given rows (order kept)."""
     rows = np.asarray(rows, dtype=np.int64)
+    optional = {field: None if getattr(self, field) is None else getattr(self, field)[rows]
+                for field in _OPTIONAL_ARRAYS}
     return ParallelCorpus(self.languages, [self.ids[i] for i in rows], self.queries[rows],
-                          self.positives[rows], self.negatives[rows], self.source)
+                          self.positives[rows], self.negatives[rows], self.source, **optional)
+
+  def _optional(self, field: str, *index):
+    array = getattr(self, field)
+    return None if array is None else array[index]
 
   def example(self, row: int) -> ParallelExample:
     langs = {}
     for k, lang in enumerate(self.languages):
       if self.positives[row, k] is not None:
+        by_query = {}
+        for x, query_lang in enumerate(self.languages):
+          text = self._optional("query_negatives", row, k, x)
+          if text is not None:
+            by_query[query_lang] = Negative(text, self._optional("query_negative_ids", row, k, x))
         langs[lang] = LanguageTexts(self.queries[row, k], self.positives[row, k],
-                                    self.negatives[row, k])
+                                    self.negatives[row, k],
+                                    self._optional("positive_ids", row, k),
+                                    self._optional("negative_ids", row, k), by_query)
     return ParallelExample(self.ids[row], langs)
+
+  def negative_table(self) -> tuple[np.ndarray, np.ndarray]:
+    """(texts, passage ids) of the hard negatives, [N, C] object arrays (None: no negative or no
+    id), one column per negative slot: C = K, column k for rows whose positive is in language k;
+    with negatives by query language C = K * K, column k * K + x for rows (query x, positive k),
+    which falls back to column k's negative where the record names none for x. `negative_column`
+    maps a row's languages to its column."""
+    k = len(self.languages)
+    ids = self.negative_ids if self.negative_ids is not None else np.full(
+        self.negatives.shape, None, dtype=object)
+    if self.query_negatives is None:
+      return self.negatives, ids
+    has_own = np.not_equal(self.query_negatives, None)
+    texts = np.where(has_own, self.query_negatives, self.negatives[:, :, None])  # [N, K, K]
+    ids = np.where(has_own, self.query_negative_ids, ids[:, :, None])
+    rows_exist = self.presence[:, :, None] & self.presence[:, None, :]  # the id has both languages
+    texts = np.where(rows_exist, texts, None).reshape(len(self.ids), k * k)
+    ids = np.where(rows_exist, ids, None).reshape(len(self.ids), k * k)
+    return texts, ids
+
+  def negative_column(self, query_lang: np.ndarray, passage_lang: np.ndarray) -> np.ndarray:
+    """[b] int32 column of `negative_table` that holds the negative of each row."""
+    passage_lang = np.asarray(passage_lang, np.int32)
+    if self.query_negatives is None:
+      return passage_lang
+    return (passage_lang * len(self.languages) + np.asarray(query_lang, np.int32)).astype(np.int32)
 
   def iter_examples(self) -> Iterator[ParallelExample]:
     for row in range(self.num_examples):
@@ -222,13 +330,37 @@ class ParallelCorpus:
     queries = np.full((n, k), None, dtype=object)
     positives = np.full((n, k), None, dtype=object)
     negatives = np.full((n, k), None, dtype=object)
+    entries = [texts for e in kept for lang, texts in e.languages.items() if lang in column]
+    # The optional arrays only when some entry uses them: a [N, K, K] array costs memory at scale.
+    optional = {}
+    if any(t.positive_id is not None for t in entries):
+      optional["positive_ids"] = np.full((n, k), None, dtype=object)
+    if any(t.negative_id is not None for t in entries):
+      optional["negative_ids"] = np.full((n, k), None, dtype=object)
+    if any(set(t.negatives_by_query_language) & set(column) for t in entries):
+      optional["query_negatives"] = np.full((n, k, k), None, dtype=object)
+      optional["query_negative_ids"] = np.full((n, k, k), None, dtype=object)
     for row, example in enumerate(kept):
       for lang, texts in example.languages.items():
-        if lang in column:
-          queries[row, column[lang]] = texts.query
-          positives[row, column[lang]] = texts.positive
-          negatives[row, column[lang]] = texts.negative
-    return cls(languages, [e.id for e in kept], queries, positives, negatives, source)
+        if lang not in column:
+          continue
+        c = column[lang]
+        queries[row, c] = texts.query
+        positives[row, c] = texts.positive
+        negatives[row, c] = texts.negative
+        if "positive_ids" in optional:
+          optional["positive_ids"][row, c] = texts.positive_id
+        if "negative_ids" in optional:
+          optional["negative_ids"][row, c] = texts.negative_id
+        if "query_negatives" in optional:
+          for query_lang, negative in texts.negatives_by_query_language.items():
+            if query_lang in column:
+              optional["query_negatives"][row, c, column[query_lang]] = negative.text
+              optional["query_negative_ids"][row, c, column[query_lang]] = negative.id
+    return cls(languages, [e.id for e in kept], queries, positives, negatives, source, **optional)
+
+
+_OPTIONAL_ARRAYS = ("positive_ids", "negative_ids", "query_negatives", "query_negative_ids")
 
 
 def validation_ids_mask(ids: Sequence[str], fraction: float) -> np.ndarray:

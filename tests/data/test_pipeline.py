@@ -209,3 +209,38 @@ def test_validation_batches_are_the_same_for_every_strategy():
   config.validation_batch_type = "bogus"
   with pytest.raises(records.DataError, match="data.validation_batch_type must be one of"):
     pipeline.TrainingData.from_config(config)
+
+
+def test_negatives_by_query_language_reach_cross_lingual_rows(tmp_path):
+  """A record's negatives_by_query_language: row (query X, positive Y) gets the negative the
+  record gives for X, in the tf.data batches as in the NumPy reference; mono rows keep 'negative'."""
+  plain = pipeline.TrainingData.from_config(_small_config())
+  examples = []
+  for example in plain.corpus.iter_examples():
+    languages = {}
+    for lang, texts in example.languages.items():
+      by_query = {x: records.Negative(other.negative, f"{example.id}/{x}-negative")
+                  for x, other in example.languages.items() if x != lang}
+      languages[lang] = records.LanguageTexts(texts.query, texts.positive, texts.negative,
+                                              negatives_by_query_language=by_query)
+    examples.append(records.ParallelExample(example.id, languages))
+  path = str(tmp_path / "by_query.jsonl")
+  records.write_jsonl(path, examples)
+  data = pipeline.TrainingData.from_config(_small_config(source="jsonl", path=path),
+                                           tokenizer=plain.tokenizer)
+  corpus = data.corpus
+  assert data.negatives.num_languages == len(data.languages) ** 2
+  batches = _take(data, 4, start_step=2)
+  cross_rows = 0
+  for step, batch in enumerate(batches, start=2):
+    plan = data.plan(step, BATCH)
+    _assert_batches_equal(batch, data.host_batch(plan))
+    # The expected text: the query language's own negative on cross-lingual rows.
+    expected = [corpus.negatives[n, x] for n, x in zip(plan.example, plan.query_lang)]
+    encoded = data.tokenizer.encode(expected, 24, prefix="Passage: ")
+    np.testing.assert_array_equal(batch["negative_input_ids"], encoded.input_ids)
+    cross_rows += int(np.sum(plan.query_lang != plan.passage_lang))
+    # Its passage id is that of the same text in the query language's plain slot.
+    same_text = data.passage_ids.negative[plan.example, plan.query_lang * (len(data.languages) + 1)]
+    np.testing.assert_array_equal(batch["negative_passage_id"], same_text)
+  assert cross_rows >= BATCH  # X-Y batches were among them

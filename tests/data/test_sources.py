@@ -108,9 +108,10 @@ def test_passage_with_context_and_hard_negatives(tmp_path):
          "qas": [{"id": "q3", "question": "Birds?", "answers": [{"answer_start": 3}]}]}]}]}, f)
   plain = {e.id: e.languages["en"] for e in lareqa.training_examples(directory)}
   # Hard negative: the other sentence of the paragraph; a one-sentence paragraph wraps around.
-  assert plain["q1"] == records.LanguageTexts("Dogs?", "Dogs bark.", "Cats purr.")
-  assert plain["q2"] == records.LanguageTexts("Cats?", "Cats purr.", "Dogs bark.")
-  assert plain["q3"] == records.LanguageTexts("Birds?", "Birds sing.", "Cats purr.")
+  # Each is another question's gold sentence, so it carries that question's passage id.
+  assert plain["q1"] == records.LanguageTexts("Dogs?", "Dogs bark.", "Cats purr.", "q1", "q2")
+  assert plain["q2"] == records.LanguageTexts("Cats?", "Cats purr.", "Dogs bark.", "q2", "q1")
+  assert plain["q3"] == records.LanguageTexts("Birds?", "Birds sing.", "Cats purr.", "q3", "q2")
   context = {e.id: e.languages["en"]
              for e in lareqa.training_examples(directory, with_context=True)}
   assert context["q1"].positive == "Dogs bark. Cats purr. Dogs bark."
