@@ -20,7 +20,8 @@ from hybrid_jax.eval import significance
 
 _METRIC = flags.DEFINE_enum(
     "metric", "map", ["map", "mrr", "recall@1", "recall@10", "recall@100", "ndcg@10",
-                      "rank_distance"], "Per-query metric to compare.")
+                      "rank_distance", "recall@20"],
+    "Per-query metric to compare (MKQA runs hold recall@20 and recall@100: answer recall).")
 _PERMUTATIONS = flags.DEFINE_integer("permutations", 10_000, "Random sign flips per test.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the permutations (results are reproducible).")
 _SUMMARY_ONLY = flags.DEFINE_bool("summary_only", False, "Print only the three summaries.")

@@ -3,7 +3,11 @@
 Each entry is name -> spec, built by `hybrid_jax.eval.evaluators.build_evaluators` and run during
 training by `hybrid_jax.eval.periodic.PeriodicEvaluation`:
   type          one of evaluators.EVALUATOR_TYPES: "lareqa" (XQuAD-R / MLQA-R directory), "beir"
-                (MIRACL-style BEIR directory) or "synthetic" (the synthetic data's held-out ids)
+                (MIRACL-style BEIR directory, searched at corpus scale), "synthetic" (the
+                synthetic data's held-out ids) or "mkqa" (MKQA queries against a BEIR corpus)
+  beir / mkqa   data_dir + split (beir); mkqa_file, corpus_dir, languages, answer_language
+                ("en" | "query") (mkqa); both: corpus_store, store_shard_size, store_dtype,
+                trec_depth, search_dtype (search/corpus_eval.py CorpusEvaluator)
   dataset       lareqa: "xquad-r" | "mlqa-r"
   data_dir      "" = $HYBRID_JAX_DATA/<dataset> (lareqa.default_data_root()); beir: required
   languages     () = every <lang>.json in data_dir
