@@ -174,11 +174,14 @@ def _chunk_metrics(q_emb, rel_emb, rel_valid, rel_lang, rel_gain, rel_index, can
   return out
 
 
-class _Progress:
-  """Progress with rate and ETA on stderr, at most every `interval` seconds."""
+class Progress:
+  """Progress with rate and ETA on stderr, at most every `interval` seconds (also used by the
+  corpus search, search/topk.py, with unit "documents")."""
 
-  def __init__(self, total: int, desc: str, interval: float = 5.0, enabled: bool = True):
+  def __init__(self, total: int, desc: str, interval: float = 5.0, enabled: bool = True,
+               unit: str = "queries"):
     self.total, self.desc, self.interval, self.enabled = total, desc, interval, enabled
+    self.unit = unit
     self.start = self.last = time.time()
     self.done = 0
 
@@ -190,7 +193,7 @@ class _Progress:
       elapsed = now - self.start
       rate = self.done / max(elapsed, 1e-9)
       eta = (self.total - self.done) / max(rate, 1e-9)
-      print(f"{self.desc}: {self.done}/{self.total} queries, {rate:.0f}/s, "
+      print(f"{self.desc}: {self.done}/{self.total} {self.unit}, {rate:.0f}/s, "
             f"elapsed {elapsed:.1f}s, ETA {eta:.1f}s", file=sys.stderr, flush=True)
 
 
@@ -275,7 +278,7 @@ def score_grid(query_emb: np.ndarray, candidate_emb: np.ndarray, candidate_lang:
                for x in (cand_chunks, cand_valid, chunk_lang, chunk_start)]
 
   outputs = []
-  progress = _Progress(num_queries, "scoring", enabled=show_progress)
+  progress = Progress(num_queries, "scoring", enabled=show_progress)
   for begin in range(0, num_queries, query_chunk):
     end = min(begin + query_chunk, num_queries)
     pad = query_chunk - (end - begin)

@@ -33,8 +33,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import sys
-import time
 from typing import Any
 
 import jax
@@ -44,6 +42,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hybrid_jax import errors
+from hybrid_jax.eval import metrics as metrics_lib
 
 # Elements of one [query chunk, local corpus rows] comparison block in the rank counting; the
 # targets are processed in groups so that the group's block stays within this many elements.
@@ -153,7 +152,8 @@ def search_with_ranks(queries, corpus, k: int, *, targets=None, chunk_size: int 
                                    replicated) for s in query_starts]
   state = [_initial_state(query_chunk, k, num_targets, replicated) for _ in query_starts]
 
-  progress = _CorpusProgress(num_docs, progress_desc)
+  progress = metrics_lib.Progress(num_docs, progress_desc or "", interval=10.0,
+                                 enabled=bool(progress_desc), unit="documents")
   for start in range(0, num_docs, chunk):
     rows = min(chunk, num_docs - start)
     valid = np.zeros(chunk, bool)
@@ -342,26 +342,6 @@ def _ranks_from_counts(counts, targets, indices) -> np.ndarray:
   found = hit.any(axis=-1) & (targets >= 0)
   ranks = np.where(found, hit.argmax(axis=-1) + 1, ranks)
   return np.where(targets >= 0, ranks, 0).astype(np.int64)
-
-
-class _CorpusProgress:
-  """Corpus rows searched, rate and ETA on stderr, at most every `interval` seconds."""
-
-  def __init__(self, total: int, desc: str | None, interval: float = 10.0):
-    self.total, self.desc, self.interval = total, desc, interval
-    self.start = self.last = time.time()
-    self.done = 0
-
-  def update(self, rows: int) -> None:
-    self.done += rows
-    now = time.time()
-    if self.desc and (now - self.last >= self.interval or self.done >= self.total):
-      self.last = now
-      elapsed = now - self.start
-      rate = self.done / max(elapsed, 1e-9)
-      eta = (self.total - self.done) / max(rate, 1e-9)
-      print(f"{self.desc}: {self.done}/{self.total} documents, {rate:.0f}/s, "
-            f"elapsed {elapsed:.0f}s, ETA {eta:.0f}s", file=sys.stderr, flush=True)
 
 
 def peak_block_bytes(query_chunk_size: int, chunk_size: int, dim: int, k: int,
