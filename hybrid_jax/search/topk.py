@@ -47,6 +47,8 @@ from hybrid_jax.eval import metrics as metrics_lib
 # Elements of one [query chunk, local corpus rows] comparison block in the rank counting; the
 # targets are processed in groups so that the group's block stays within this many elements.
 _RANK_COUNT_BUDGET = 1 << 27
+# Elements of the target embeddings gathered at once ([query rows, R, D]) to score the targets.
+_TARGET_GATHER_BUDGET = 1 << 25
 # Scores per group in the two-stage selection of a chunk's top k (`_chunk_topk`).
 _TOPK_GROUP = 16
 
@@ -225,10 +227,17 @@ def _target_block(targets, queries, corpus, start: int, rows: int, dtype, shardi
   if pad:
     ids = np.concatenate([ids, np.full((pad, ids.shape[1]), -1, ids.dtype)])
   safe = np.maximum(ids, 0)
-  emb = jnp.asarray(corpus[safe.reshape(-1)], dtype).reshape(ids.shape + (corpus.shape[1],))
   query_block = jnp.asarray(_padded_rows(queries, start, rows, dtype))
-  scores = _canonical(jnp.einsum("qd,qrd->qr", query_block, emb,
-                                 preferred_element_type=jnp.float32))
+  # The targets' embeddings are gathered a few query rows at a time: [rows, R, D] at once would
+  # grow with the number of relevant documents per query (hundreds in some BEIR sets).
+  step = max(1, _TARGET_GATHER_BUDGET // max(1, ids.shape[1] * corpus.shape[1]))
+  scores = []
+  for row in range(0, rows, step):
+    block = safe[row:row + step]
+    emb = jnp.asarray(corpus[block.reshape(-1)], dtype).reshape(block.shape + (corpus.shape[1],))
+    scores.append(jnp.einsum("qd,qrd->qr", query_block[row:row + step], emb,
+                             preferred_element_type=jnp.float32))
+  scores = _canonical(jnp.concatenate(scores))
   return jax.device_put({"ids": jnp.asarray(ids, jnp.int32), "scores": scores}, sharding)
 
 
