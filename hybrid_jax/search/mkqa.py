@@ -170,22 +170,31 @@ def read_mkqa(path: str, languages: Sequence[str] | None = None,
                  answer_language=answer_language)
 
 
-def answer_hits(corpus_path: str, doc_ids: Sequence[str], indices: np.ndarray,
-                answers: Sequence[tuple[tuple[str, ...], ...]]) -> np.ndarray:
-  """[Q, k] bool: whether retrieved passage indices[q, r] (positions in doc_ids) contains one of
-  query q's answers. One streaming pass over the corpus, tokenising only retrieved passages."""
-  retrieved = collections.defaultdict(list)  # document id -> [(query, rank)]
-  for q, row in enumerate(indices.tolist()):
-    for r, doc in enumerate(row):
-      retrieved[doc_ids[doc]].append((q, r))
-  hits = np.zeros(indices.shape, bool)
-  for _, row in collection_lib.iter_jsonl(corpus_path, ("_id", "text")):
-    pairs = retrieved.get(str(row["_id"]))
-    if pairs:
-      tokens = answer_tokens(row["text"])
-      for q, r in pairs:
-        hits[q, r] = contains_answer(tokens, answers[q])
-  return hits
+def answer_hits(corpus_path: str, indices: np.ndarray,
+                answers: Sequence[tuple[tuple[str, ...], ...]],
+                row_positions: np.ndarray | None = None) -> np.ndarray:
+  """[Q, k] bool: whether retrieved passage indices[q, r] contains one of query q's answers.
+
+  indices are positions in the searched embeddings; row_positions[i] is the position of
+  corpus.jsonl's i-th row there (None: the same order). One streaming pass over the corpus
+  tokenises only the retrieved passages; the bookkeeping is a few integer arrays (no per-pair
+  Python objects: 26 languages x 6.7k queries x 100 passages are 17M pairs)."""
+  num_queries, k = indices.shape
+  flat = indices.reshape(-1).astype(np.int64)
+  order = np.argsort(flat, kind="stable")  # pair numbers (q * k + r), grouped by document
+  size = int(flat.max()) + 1 if flat.size else 0
+  if row_positions is not None:
+    size = max(size, len(row_positions))
+  starts = np.concatenate([[0], np.cumsum(np.bincount(flat, minlength=size))])
+  hits = np.zeros(num_queries * k, bool)
+  for row, (_, doc) in enumerate(collection_lib.iter_jsonl(corpus_path, ("_id", "text"))):
+    position = row if row_positions is None else int(row_positions[row])
+    if position >= size or starts[position] == starts[position + 1]:
+      continue
+    tokens = answer_tokens(doc["text"])
+    for pair in order[starts[position]:starts[position + 1]]:
+      hits[pair] = contains_answer(tokens, answers[pair // k])
+  return hits.reshape(num_queries, k)
 
 
 class MkqaEvaluator(corpus_eval.CorpusEvaluator):
@@ -235,8 +244,12 @@ class MkqaEvaluator(corpus_eval.CorpusEvaluator):
     depth = max(self.trec_depth, max(RECALL_CUTOFFS))
     result = self.search(query_emb, corpus, depth)
     cutoff = min(max(RECALL_CUTOFFS), result.indices.shape[1])
-    hits = answer_hits(col.corpus_path, corpus.ids, result.indices[:, :cutoff],
-                       [q.answers for q in self.mkqa.queries])
+    row_positions = None  # the store is written in corpus.jsonl order; --embeddings may not be
+    if list(corpus.ids) != list(col.candidate_uids):
+      position = {doc_id: i for i, doc_id in enumerate(corpus.ids)}
+      row_positions = np.array([position[d] for d in col.candidate_uids], np.int64)
+    hits = answer_hits(col.corpus_path, result.indices[:, :cutoff],
+                       [q.answers for q in self.mkqa.queries], row_positions)
     first_hit = np.where(hits.any(axis=1), hits.argmax(axis=1) + 1, 0)  # 0: no hit
     num_langs = len(col.languages)
     values = {}

@@ -168,7 +168,9 @@ def test_answer_recall_equals_an_independent_reference(tmp_path, answer_language
   emb_dir = str(tmp_path / "emb")
   embeddings_io.save(emb_dir, "queries", [f"{1000 + i}_{lang}" for i, lang in query_emb],
                      np.stack(list(query_emb.values())))
-  embeddings_io.save(emb_dir, "candidates", [f"p{i}" for i in range(NUM_DOCS)], doc_emb)
+  # Rows in corpus.jsonl order, or (second case) permuted: hits must follow the ids, not rows.
+  rows = np.arange(NUM_DOCS) if answer_language == "en" else rng.permutation(NUM_DOCS)
+  embeddings_io.save(emb_dir, "candidates", [f"p{i}" for i in rows], doc_emb[rows])
   out = tmp_path / "out"
   results = runner.run(runner.RunOptions(
       embeddings=emb_dir, dataset="mkqa", mkqa_file=mkqa_file,
