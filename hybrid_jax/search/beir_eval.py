@@ -74,18 +74,18 @@ class BeirEvaluator(corpus_eval.CorpusEvaluator):
           "expected qrels query-ids to be queries.jsonl _ids. Do the ids match?")
     query_langs = [corpus_eval.tagged_language(q) or label for q in queries]
     languages = list(dict.fromkeys(query_langs))
-    tagged_docs = {lang for lang in doc_langs if lang}
     self.relevant = [{d: g for d, g in qrels[str(q["_id"])].items() if g > 0} for q in queries]
     return corpus_eval.CorpusQueries(
         name=self.name, languages=languages, query_uids=[str(q["_id"]) for q in queries],
         query_texts=[q["text"] for q in queries], query_langs=query_langs,
         candidate_uids=doc_ids, corpus_path=corpus_path,
-        cross_lingual=len(languages) > 1 or len(tagged_docs) > 1)
+        cross_lingual=len(languages) > 1 or len(doc_langs) > 1)
 
   def score(self, query_emb: np.ndarray, corpus):
     """Per-query metrics over the full-corpus ranking and the results dict."""
     col = self.collection
-    position = {doc_id: i for i, doc_id in enumerate(corpus.ids)}
+    judged = {doc_id for relevant in self.relevant for doc_id in relevant}
+    position = {doc_id: i for i, doc_id in enumerate(corpus.ids) if doc_id in judged}
     width = max([len(r) for r in self.relevant] + [1])
     targets = np.full((col.num_queries, width), -1, np.int64)
     gains = np.zeros((col.num_queries, width), np.float32)

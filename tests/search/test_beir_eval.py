@@ -195,3 +195,10 @@ def test_embeddings_that_miss_corpus_documents_are_refused(tmp_path):
   with pytest.raises(beir_eval.corpus_eval.CorpusEvalError,
                      match=r"hold 259 documents, .*260; 1 corpus ids have no embedding"):
     runner.run(_options(beir_dir, emb_dir, tmp_path / "out"))
+
+
+def test_repeated_corpus_ids_are_refused(tmp_path):
+  beir_dir = write_beir(str(tmp_path / "b"), ["d1", "d2", "d3", "d2"], ["q1"], [("q1", "d1", 1)])
+  with pytest.raises(beir_eval.corpus_eval.CorpusEvalError,
+                     match=r"_id 'd2' appears on two rows \(documents 2 and 4\)"):
+    _ = beir_eval.BeirEvaluator(beir_dir, show_progress=False).collection
