@@ -1,7 +1,10 @@
-"""Shared by the trainer and sweep tests: the small :runlocal config they all train, and its CLI."""
+"""Shared by the trainer, sweep and mining tests: the small :runlocal config they train, its CLI,
+random token batches, and LAReQA-format data with sentences no question asks about."""
 
 import importlib.util
+import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -67,3 +70,37 @@ def random_token_batch(seed: int, batch_size: int, lengths: dict, vocab_size: in
   batch["negative_passage_id"] = negative_passage_id
   batch["batch_type"] = (np.arange(batch_size) % num_batch_types).astype(np.int32)
   return batch
+
+
+def write_lareqa_with_unasked_sentences(directory: str, spec, asked_relations: int = 4) -> str:
+  """A LAReQA-format directory of a synthetic spec (every id) whose questions about relations
+  >= asked_relations are removed: their sentences stay in the paragraphs as sentences no question
+  asks about, the pool that hard-negative mining draws from (gold sentences never are)."""
+  from hybrid_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  synthetic.write_lareqa_dir(directory, spec, ids="all")
+  for name in os.listdir(directory):
+    path = os.path.join(directory, name)
+    with open(path, encoding="utf-8") as f:
+      root = json.load(f)
+    for article in root["data"]:
+      for paragraph in article["paragraphs"]:
+        paragraph["qas"] = [qa for qa in paragraph["qas"]
+                            if int(re.search(r"-r(\d+)$", qa["id"])[1]) < asked_relations]
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(root, f, ensure_ascii=False)
+  return directory
+
+
+def write_lareqa_neighbour_case(directory: str) -> str:
+  """One English LAReQA file where neighbouring-sentence negatives are other questions' gold
+  sentences: q1's negative is q2's gold and vice versa, and q3's (a one-sentence paragraph, so
+  the next paragraph's first sentence) is q2's gold too."""
+  with open(os.path.join(directory, "en.json"), "w") as f:
+    json.dump({"data": [{"paragraphs": [
+        {"context": "Cats purr. Dogs bark.", "sentences": ["Cats purr.", "Dogs bark."],
+         "sentence_breaks": [[0, 10], [11, 21]],
+         "qas": [{"id": "q1", "question": "Dogs?", "answers": [{"answer_start": 11}]},
+                 {"id": "q2", "question": "Cats?", "answers": [{"answer_start": 0}]}]},
+        {"context": "Birds sing.", "sentences": ["Birds sing."], "sentence_breaks": [[0, 11]],
+         "qas": [{"id": "q3", "question": "Birds?", "answers": [{"answer_start": 3}]}]}]}]}, f)
+  return directory

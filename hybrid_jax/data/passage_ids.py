@@ -42,7 +42,7 @@ class PassageIds:
 
   def of_rows(self, example: np.ndarray, passage_lang: np.ndarray,
               negative_column: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """The batch features of rows: passage_id [b] and, with negative columns, negative_passage_id."""
+    """Batch features of rows: passage_id [b] and, given negative columns, negative_passage_id."""
     out = {"passage_id": self.positive[example, passage_lang].astype(np.int32)}
     if negative_column is not None:
       out["negative_passage_id"] = self.negative[example, negative_column].astype(np.int32)

@@ -4,9 +4,6 @@ TrainingData batches into the loss, with and without train.mask_false_negatives,
 
 from __future__ import annotations
 
-import json
-import os
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -19,6 +16,7 @@ from hybrid_jax.data import records
 from hybrid_jax.data import sources
 from hybrid_jax.data import synthetic
 from hybrid_jax.models import presets
+import train_helpers
 
 T = records.LanguageTexts
 
@@ -68,18 +66,6 @@ def test_negatives_by_query_language_have_their_own_slots():
 
 
 # --- the LAReQA case of tests/data/test_sources.py, through batches into the loss --------------
-def _write_lareqa_case(directory):
-  """q1's neighbour negative is q2's gold sentence and vice versa; q3's negative is q2's gold."""
-  with open(os.path.join(directory, "en.json"), "w") as f:
-    json.dump({"data": [{"paragraphs": [
-        {"context": "Cats purr. Dogs bark.", "sentences": ["Cats purr.", "Dogs bark."],
-         "sentence_breaks": [[0, 10], [11, 21]],
-         "qas": [{"id": "q1", "question": "Dogs?", "answers": [{"answer_start": 11}]},
-                 {"id": "q2", "question": "Cats?", "answers": [{"answer_start": 0}]}]},
-        {"context": "Birds sing.", "sentences": ["Birds sing."], "sentence_breaks": [[0, 11]],
-         "qas": [{"id": "q3", "question": "Birds?", "answers": [{"answer_start": 3}]}]}]}]}, f)
-
-
 def _reference_loss(q, pos_texts, neg_texts, vectors, scale, mask):
   """InfoNCE from its definition, one row at a time; a candidate is a false negative of row i
   when its text is row i's positive (identical texts embed identically: the same passage)."""
@@ -94,7 +80,7 @@ def _reference_loss(q, pos_texts, neg_texts, vectors, scale, mask):
 
 
 def test_lareqa_false_negatives_are_masked_in_the_loss(tmp_path):
-  _write_lareqa_case(str(tmp_path))
+  train_helpers.write_lareqa_neighbour_case(str(tmp_path))
   config = defaults.data_config("mono", prefixes=presets.PAPER_PREFIXES)
   config.update(source="lareqa", path=str(tmp_path), validation_fraction=0.0,
                 hard_negatives=True)

@@ -16,6 +16,7 @@ from hybrid_jax.data import records
 from hybrid_jax.data import sampler as sampler_lib
 from hybrid_jax.data import sources
 from hybrid_jax.models import presets
+import train_helpers
 
 PREFIXES = presets.PAPER_PREFIXES
 
@@ -97,15 +98,7 @@ def test_mlqa_r_ids_are_only_paired_in_languages_they_have(mlqa_config, mlqa_cor
 
 
 def test_passage_with_context_and_hard_negatives(tmp_path):
-  directory = str(tmp_path)
-  with open(os.path.join(directory, "en.json"), "w") as f:
-    json.dump({"data": [{"paragraphs": [
-        {"context": "Cats purr. Dogs bark.", "sentences": ["Cats purr.", "Dogs bark."],
-         "sentence_breaks": [[0, 10], [11, 21]],
-         "qas": [{"id": "q1", "question": "Dogs?", "answers": [{"answer_start": 11}]},
-                 {"id": "q2", "question": "Cats?", "answers": [{"answer_start": 0}]}]},
-        {"context": "Birds sing.", "sentences": ["Birds sing."], "sentence_breaks": [[0, 11]],
-         "qas": [{"id": "q3", "question": "Birds?", "answers": [{"answer_start": 3}]}]}]}]}, f)
+  directory = train_helpers.write_lareqa_neighbour_case(str(tmp_path))
   plain = {e.id: e.languages["en"] for e in lareqa.training_examples(directory)}
   # Hard negative: the other sentence of the paragraph; a one-sentence paragraph wraps around.
   # Each is another question's gold sentence, so it carries that question's passage id.
