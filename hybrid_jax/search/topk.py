@@ -347,9 +347,12 @@ def _ranks_from_counts(counts, targets, indices) -> np.ndarray:
   only by float rounding between the gathered and the chunk's dot products, i.e. near-ties)."""
   k = indices.shape[1]
   ranks = np.maximum(counts + 1, k + 1)
-  hit = targets[:, :, None] == indices[:, None, :]  # [Q, R, k]
-  found = hit.any(axis=-1) & (targets >= 0)
-  ranks = np.where(found, hit.argmax(axis=-1) + 1, ranks)
+  rows = max(1, _TARGET_GATHER_BUDGET // max(1, targets.shape[1] * k))
+  for start in range(0, len(targets), rows):  # [rows, R, k] comparisons at a time
+    block = slice(start, start + rows)
+    hit = targets[block, :, None] == indices[block, None, :]
+    found = hit.any(axis=-1) & (targets[block] >= 0)
+    ranks[block] = np.where(found, hit.argmax(axis=-1) + 1, ranks[block])
   return np.where(targets >= 0, ranks, 0).astype(np.int64)
 
 
