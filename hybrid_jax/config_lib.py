@@ -103,6 +103,7 @@ COMMON_ARGS = dict(
     alpha=-1.0,  # override data.alpha (-1 = keep the file's value)
     steps=0,  # override train.num_steps (0 = keep)
     batch_size=0,  # override train.batch_size (0 = keep)
+    backbone="",  # another backbone preset, e.g. xlmr-large ("" = the config file's own)
 )
 
 
@@ -125,6 +126,7 @@ def build_config(backbone: str, batch_type: str, arg: str | None = None,
   from hybrid_jax.models import presets  # pylint: disable=g-import-not-at-top
 
   args = parse_arg(arg, **COMMON_ARGS, **extra_args)
+  backbone = args.backbone or backbone
   config = ml_collections.ConfigDict()
   config.seed = 0  # parameter init and dropout; data order has its own seed (data.seed)
   config.model = presets.model_config("tiny" if args.runlocal else backbone)

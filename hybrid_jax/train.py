@@ -29,6 +29,10 @@ WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metri
 DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first (multi-host TPU/GPU; the "
     "launch scripts set this).")
+DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "Check the config and print the batch sizes and the per-device memory plan "
+    "for the visible devices (hybrid_jax/memory_plan.py), then exit: nothing is compiled, "
+    "written or trained.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -56,8 +60,19 @@ def print_evaluation_tables(result: dict) -> None:
   sys.stdout.flush()
 
 
+def dry_run(config, workdir: str) -> str:
+  """The config checks of a real start, then the memory plan for this machine's devices."""
+  from hybrid_jax import memory_plan  # pylint: disable=g-import-not-at-top
+  from hybrid_jax import trainer  # pylint: disable=g-import-not-at-top
+  trainer.validate_config(config, workdir)
+  return memory_plan.plan(config, memory_plan.local_target()).report()
+
+
 def main(argv):
   start_process(argv)
+  if DRY_RUN.value:
+    print(errors.exit_on_user_error(lambda: dry_run(CONFIG.value, WORKDIR.value)))
+    return
   from hybrid_jax import trainer  # pylint: disable=g-import-not-at-top
   result = errors.exit_on_user_error(
       lambda: trainer.train_and_evaluate(CONFIG.value, WORKDIR.value))

@@ -16,6 +16,11 @@ _ARCHITECTURES = {
                       num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                       max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
                       layer_norm_eps=1e-5, pooling="mean", add_pooling_layer=False),
+    # XLM-R large: the same vocabulary, 24 layers, hidden 1024.
+    "xlmr-large": dict(model_type="xlm-roberta", vocab_size=250002, hidden_size=1024,
+                       num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                       max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
+                       layer_norm_eps=1e-5, pooling="mean", add_pooling_layer=False),
     # LaBSE: BERT architecture with the dense+tanh pooler, 501k vocabulary.
     "labse": dict(model_type="bert", vocab_size=501153, hidden_size=768, num_hidden_layers=12,
                   num_attention_heads=12, intermediate_size=3072, max_position_embeddings=512,
