@@ -42,6 +42,10 @@ from hybrid_jax.models import encoder as encoder_lib  # noqa: E402
 from hybrid_jax.models import hf_checkpoint  # noqa: E402
 
 SHAPES = {
+    # The :runlocal encoder: for smoke runs (benchmarks/accelerator.sh --smoke).
+    "tiny": dict(model_type="xlm-roberta", vocab_size=512, hidden_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, intermediate_size=128, batch_size=4, seq_len=16, steps=1,
+                 rounds=1, warmup=1),
     # A laptop-sized model: fast enough to iterate on.
     "small": dict(model_type="xlm-roberta", vocab_size=32000, hidden_size=256,
                   num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
