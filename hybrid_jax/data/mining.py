@@ -15,11 +15,15 @@ every pair of languages the id has, with a passage retrieved for the query in X:
      rounding), assigned by a seeded permutation.
   4. Exact top-`depth` search (hybrid_jax.search.topk) of the slot's query over the pool passages
      in the slot's negative language. A candidate is eligible when its rank in that list is past
-     `skip_top`, its score is at most the positive's score minus `margin` (the positive: the
-     slot's Y positive, scored against the X query), and it is not a passage of the same question
-     id in any language. The negative is the first eligible candidate, or with `sample_top` = m
-     one of the first m drawn uniformly (seeded). Slots with too few eligible candidates are
-     searched again with twice the depth, up to the whole pool.
+     `skip_top`, its score is at most the positive's score minus `margin`, and it is not a passage
+     of the same question id in any language. The positive the margin compares with is the
+     question's positive in the candidate's language (the slot's Y positive when the id lacks that
+     language), scored against the X query: the margin guards against false negatives, which
+     compete with the positive in their own language; against a positive in another language it
+     would mostly measure the model's preference for the query's language and drop exactly the
+     same-language negatives a cross-lingual row needs. The negative is the first eligible
+     candidate, or with `sample_top` = m one of the first m drawn uniformly (seeded). Slots with
+     too few eligible candidates are searched again with twice the depth, up to the whole pool.
 Everything is a pure function of the inputs, the model and `MiningConfig` (seed included).
 
 The output is the project's training JSONL: the input's queries and positives, the mined
@@ -241,7 +245,7 @@ class MiningResult:
   negative: np.ndarray  # [S] pool index or -1
   rank: np.ndarray  # [S] 1-based rank in the slot's language-filtered pool list (0: none)
   score: np.ndarray  # [S] float32 score of the negative against the query (nan: none)
-  positive_score: np.ndarray  # [S] float32 score of the slot's positive against the query
+  positive_score: np.ndarray  # [S] float32 the margin's positive score for the chosen negative
   pool_passage_id: np.ndarray  # [P] int passage id of each pool passage
   gold_passage: np.ndarray  # [P] bool: a gold passage of some training question (never taken)
   row_passages: list[frozenset[int]]  # [N] passage ids of each row's positives, all languages
@@ -342,7 +346,20 @@ def mine(corpus: records.ParallelCorpus, pool: Pool, embed_queries: EmbedFn,
   # 2. Per slot: the query cell, the positive's score, the language its negative must have.
   query_cell = cell_index[slots.row, slots.query_lang]
   positive_cell = cell_index[slots.row, slots.passage_lang]
-  positive_score = np.einsum("sd,sd->s", query_emb[query_cell], positive_emb[positive_cell])
+  slot_positive_score = np.einsum("sd,sd->s", query_emb[query_cell], positive_emb[positive_cell])
+  # The margin's reference per pool language: the question's positive in that language.
+  pool_language_names = sorted(set(pool.languages))
+  pool_language = np.asarray([pool_language_names.index(lang) for lang in pool.languages])
+  pool_language_of = np.asarray([pool_language_names.index(lang) if lang in pool_language_names
+                                 else -1 for lang in corpus.languages])
+
+  def margin_reference(i: int) -> np.ndarray:
+    reference = np.full(len(pool_language_names), slot_positive_score[i], np.float32)
+    n = slots.row[i]
+    for k in np.flatnonzero(corpus.presence[n]):
+      if pool_language_of[k] >= 0:
+        reference[pool_language_of[k]] = query_emb[query_cell[i]] @ positive_emb[cell_index[n, k]]
+    return reference
   target = np.where(slots.policy == POLICIES.index("query"), slots.query_lang,
                     np.where(slots.policy == POLICIES.index("positive"), slots.passage_lang,
                              ANY_LANGUAGE))
@@ -352,6 +369,7 @@ def mine(corpus: records.ParallelCorpus, pool: Pool, embed_queries: EmbedFn,
   negative = np.full(len(slots), -1, np.int64)
   rank = np.zeros(len(slots), np.int64)
   score = np.full(len(slots), np.nan, np.float32)
+  positive_score = slot_positive_score.astype(np.float32)
   search_started = time.time()
   for t in np.unique(target):
     language = corpus.languages[t] if t >= 0 else None
@@ -375,10 +393,12 @@ def mine(corpus: records.ParallelCorpus, pool: Pool, embed_queries: EmbedFn,
       complete = depth == available  # the whole language pool is in the list
       for i in pending:
         r = row_of[int(query_cell[i])]
-        chosen = _choose(result.indices[r], result.scores[r], positive_score[i],
+        reference = margin_reference(i)
+        chosen = _choose(result.indices[r], result.scores[r], reference, pool_language,
                          ids.extra, row_passages[slots.row[i]], config, uniform[i], complete)
         if chosen is not None:
           negative[i], rank[i], score[i] = chosen
+          positive_score[i] = reference[pool_language[negative[i]]]
         elif not complete:
           retry.append(i)
       pending = np.asarray(retry, np.int64)
@@ -388,21 +408,22 @@ def mine(corpus: records.ParallelCorpus, pool: Pool, embed_queries: EmbedFn,
             f"candidates: searching again at depth {depth}")
   seconds["search"] = time.time() - search_started
   seconds["total"] = time.time() - started
-  return MiningResult(corpus, pool, slots, negative, rank, score,
-                      positive_score.astype(np.float32), ids.extra, gold, row_passages, seconds)
+  return MiningResult(corpus, pool, slots, negative, rank, score, positive_score, ids.extra, gold,
+                      row_passages, seconds)
 
 
-def _choose(indices: np.ndarray, scores: np.ndarray, positive_score: float,
-            pool_passage_id: np.ndarray, own_passages: frozenset[int], config: MiningConfig,
-            uniform: float, complete: bool) -> tuple[int, int, float] | None:
+def _choose(indices: np.ndarray, scores: np.ndarray, reference: np.ndarray,
+            pool_language: np.ndarray, pool_passage_id: np.ndarray, own_passages: frozenset[int],
+            config: MiningConfig, uniform: float, complete: bool) -> tuple[int, int, float] | None:
   """(pool index, rank, score) of the slot's negative among its ranked candidates, or None when
   fewer than sample_top are eligible: a deeper search may find more; in a `complete` list (the
-  whole language pool) the pick is among the eligible ones there are (None: there are none)."""
+  whole language pool) the pick is among the eligible ones there are (None: there are none).
+  reference: the margin's positive score per pool language (pool_language: [P] its index)."""
   eligible = []
   for position, (index, value) in enumerate(zip(indices, scores)):
     if position < config.skip_top:
       continue
-    if config.margin is not None and value > positive_score - config.margin:
+    if config.margin is not None and value > reference[pool_language[index]] - config.margin:
       continue
     if int(pool_passage_id[index]) in own_passages:
       continue  # a passage of the same question id, in any language: never a negative

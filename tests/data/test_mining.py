@@ -113,10 +113,11 @@ def test_language_shares_are_met_exactly(inputs, shares):
 @pytest.mark.parametrize("skip_top,margin", [(0, None), (2, None), (0, 0.25), (3, 0.5)])
 def test_skip_top_and_margin_choose_the_first_eligible_candidate(inputs, skip_top, margin):
   """Against a NumPy ranking written here: per slot, the allowed pool passages in the slot's
-  negative language, stably sorted by (-score, index); eligible = rank > skip_top, score <=
-  positive score - margin, not the slot's question; the choice is the first eligible one."""
+  negative language, stably sorted by (-score, index); eligible = rank > skip_top, score <= the
+  score of the question's positive in that language - margin, not the slot's question; the
+  choice is the first eligible one."""
   directory, corpus, pool = inputs
-  result = _mine(inputs, language_shares=(("query", 0.5), ("positive", 0.5)),
+  result = _mine(inputs, language_shares=(("query", 0.4), ("positive", 0.3), ("any", 0.3)),
                  skip_top=skip_top, margin=margin, depth=4)
   gold_uids, gold_texts = _gold(directory)
   allowed = np.asarray([u not in gold_uids and t not in gold_texts
@@ -127,20 +128,27 @@ def test_skip_top_and_margin_choose_the_first_eligible_candidate(inputs, skip_to
   for i in range(len(s)):
     n, x, y = s.row[i], s.query_lang[i], s.passage_lang[i]
     query = embed([corpus.queries[n, x]], "")[0]
-    positive_score = float(query @ embed([corpus.positives[n, y]], "")[0])
-    language = corpus.languages[x if mining.POLICIES[s.policy[i]] == "query" else y]
-    candidates = np.flatnonzero(allowed & (pool_languages == language))
+    # The margin's positive: the question's own in the candidate's language, else the Y one.
+    positive_scores = {corpus.languages[k]: float(query @ embed([corpus.positives[n, k]], "")[0])
+                       for k in np.flatnonzero(corpus.presence[n])}
+    policy = mining.POLICIES[s.policy[i]]
+    in_language = (np.ones(len(pool), bool) if policy == "any" else
+                   pool_languages == corpus.languages[x if policy == "query" else y])
+    candidates = np.flatnonzero(allowed & in_language)
     scores = pool_emb[candidates] @ query
     order = candidates[np.lexsort((candidates, -scores))]
-    eligible = [p for rank, p in enumerate(order, start=1)
+    reference = [positive_scores.get(pool.languages[p], positive_scores[corpus.languages[y]])
+                 for p in order]
+    eligible = [p for rank, (p, ref) in enumerate(zip(order, reference), start=1)
                 if rank > skip_top and (margin is None or
-                                        float(pool_emb[p] @ query) <= positive_score - margin)]
+                                        float(pool_emb[p] @ query) <= ref - margin)]
     expected = eligible[0] if eligible else -1
     assert result.negative[i] == expected, (i, skip_top, margin)
     if expected >= 0:
       assert result.rank[i] == list(order).index(expected) + 1 > skip_top
       assert result.score[i] == pytest.approx(float(pool_emb[expected] @ query), abs=0)
-      assert result.positive_score[i] == pytest.approx(positive_score, abs=0)
+      assert result.positive_score[i] == pytest.approx(
+          reference[list(order).index(expected)], abs=0)
       if margin is not None:
         assert result.score[i] <= result.positive_score[i] - margin
   found = result.negative >= 0
