@@ -121,9 +121,7 @@ def train(args) -> dict:
   started = time.perf_counter()
   compiled = fns.train_step.lower(state, batch).compile()
   compile_seconds = time.perf_counter() - started
-  stats = compiled.memory_analysis()
-  xla_bytes = int(stats.argument_size_in_bytes + stats.output_size_in_bytes
-                  - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+  xla_bytes = memory_plan.xla_peak_bytes(compiled)
   flops = train_step.compiled_flops(compiled)
   for _ in range(args.warmup):
     state, metrics = compiled(state, batch)
