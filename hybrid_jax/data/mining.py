@@ -29,6 +29,8 @@ Everything is a pure function of the inputs, the model and `MiningConfig` (seed 
 The output is the project's training JSONL: the input's queries and positives, the mined
 negatives with their passage ids, and per record a "meta" entry {"mined": {Y: {X: {...}}}}
 (policy, negative language, rank, score, positive score, source uid) that the reader ignores.
+A cross-lingual slot without an eligible negative leaves its row to the cell's own negative; a
+cell whose own slot (X = Y) has none is left out, so the file trains with data.hard_negatives.
 """
 
 from __future__ import annotations
@@ -251,20 +253,31 @@ class MiningResult:
   row_passages: list[frozenset[int]]  # [N] passage ids of each row's positives, all languages
   seconds: dict[str, float]
 
+  @property
+  def dropped_cells(self) -> np.ndarray:
+    """[N, K] bool: cells (id, Y) whose own slot (X = Y) found no eligible negative. They are
+    left out of the output (with the negatives other cells hold for queries in Y), so that the
+    mined file trains with data.hard_negatives=True, which needs a `negative` in every cell."""
+    dropped = np.zeros(self.corpus.presence.shape, bool)
+    own = (self.slots.query_lang == self.slots.passage_lang) & (self.negative < 0)
+    dropped[self.slots.row[own], self.slots.passage_lang[own]] = True
+    return dropped
+
   def examples(self) -> list[tuple[records.ParallelExample, dict]]:
-    """(example, meta) per corpus row: the corpus's queries and positives with the mined
-    negatives (a slot without one is left out; X = Y -> `negative`)."""
+    """(example, meta) per corpus row with a cell left: the corpus's queries and positives with
+    the mined negatives (X = Y -> `negative`; a slot without one is left out; dropped_cells)."""
     c, s, pool = self.corpus, self.slots, self.pool
     by_cell: dict[tuple[int, int], dict] = collections.defaultdict(dict)
     for i in range(len(s)):
       by_cell[int(s.row[i]), int(s.passage_lang[i])][int(s.query_lang[i])] = i
+    kept = c.presence & ~self.dropped_cells
     out = []
     for n in range(c.num_examples):
       languages, meta = {}, {}
-      for y in np.flatnonzero(c.presence[n]):
+      for y in np.flatnonzero(kept[n]):
         own, by_query, provenance = None, {}, {}
         for x, i in sorted(by_cell[n, int(y)].items()):
-          if self.negative[i] < 0:
+          if self.negative[i] < 0 or not kept[n, x]:
             continue
           p = int(self.negative[i])
           negative = records.Negative(pool.texts[p], pool.names[p])
@@ -282,7 +295,8 @@ class MiningResult:
             c.positive_ids[n, y] if c.positive_ids is not None else None,
             own.id if own else None, by_query)
         meta[lang] = provenance
-      out.append((records.ParallelExample(c.ids[n], languages), {"mined": meta}))
+      if languages:
+        out.append((records.ParallelExample(c.ids[n], languages), {"mined": meta}))
     return out
 
   def summary(self) -> dict:
@@ -294,6 +308,7 @@ class MiningResult:
         "slots_per_policy": {POLICIES[p]: int(np.sum(self.slots.policy == p))
                              for p in range(len(POLICIES)) if np.any(self.slots.policy == p)},
         "negatives": int(found.sum()), "slots_without_negative": int((~found).sum()),
+        "cells_dropped": int(self.dropped_cells.sum()),
         "negatives_per_language": dict(sorted(languages.items())),
         "cross_language_negatives": int(sum(
             self.pool.languages[self.negative[i]] != self.corpus.languages[self.slots.query_lang[i]]
@@ -599,6 +614,8 @@ def run(opts: MineOptions, log: Callable[[str], None] = _log) -> dict:
       f"({summary['slots_without_negative']} slots without one; summary in "
       f"{opts.out}.summary.json) in {summary['seconds']['total']:.0f}s")
   if summary["slots_without_negative"]:
-    log("warning: slots without a negative fall back to the record's 'negative' (a cell without "
-        "one cannot train with data.hard_negatives=True); lower --margin or --skip_top")
+    log(f"warning: {summary['slots_without_negative']} slots found no eligible negative: a "
+        "cross-lingual row without one uses its cell's 'negative'; "
+        f"{summary['cells_dropped']} cells whose own slot found none are left out. Lower "
+        "--margin or --skip_top to keep them")
   return summary

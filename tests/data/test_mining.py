@@ -239,3 +239,27 @@ def test_bad_options_and_inputs_are_clear_errors(inputs, tmp_path):
   with pytest.raises(mining.MiningError, match=r"--model=.*no_model' is not a directory"):
     mining.run(options)
   assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_cells_without_an_own_negative_are_left_out(inputs, tmp_path):
+  """A margin no candidate can meet for some slots: cells whose own (X = Y) slot found nothing
+  are dropped, with the negatives other cells hold for queries in their language, and every
+  remaining cell has a `negative` (data.hard_negatives=True trains on the file)."""
+  _, corpus, _ = inputs
+  result = _mine(inputs, margin=0.75)
+  missing = result.negative < 0
+  own = result.slots.query_lang == result.slots.passage_lang
+  assert missing[own].sum() > 10 and missing[~own].sum() > 10
+  dropped = {(corpus.ids[n], corpus.languages[y]) for n, y, x, m in zip(
+      result.slots.row, result.slots.passage_lang, result.slots.query_lang, missing) if m and x == y}
+  assert result.summary()["cells_dropped"] == len(dropped)
+  path = str(tmp_path / "mined.jsonl")
+  mining.write(path, result)
+  written = records.read_jsonl(path)
+  cells = {(e.id, lang) for e in written for lang in e.languages}
+  assert not cells & dropped
+  assert len(cells) == int(corpus.presence.sum()) - len(dropped)
+  for example in written:
+    for texts in example.languages.values():
+      assert texts.negative is not None
+      assert set(texts.negatives_by_query_language) <= set(example.languages)
