@@ -15,7 +15,8 @@ compiles the same step (compilation time printed separately); faiss = `index.add
 corpus into the index, printed separately) and `index.search`. Results are checked to be the same:
 identical index lists except where float rounding (XLA vs BLAS summation order) swaps documents
 whose scores differ by less than 1e-5, which must then agree on the score to that tolerance
-(float64 re-scoring of both lists). Peak memory: resident memory sampled every 20 ms during each
+(float64 re-scoring of both lists); the float32 scores of both are compared with float64
+re-scoring too. Peak memory: resident memory sampled every 20 ms during each
 side's run, minus the resident memory before it (the corpus and queries are already loaded); ours
 is bounded by the chunks (`search.topk.peak_block_bytes`, printed next to it), not by the corpus.
 """
@@ -145,6 +146,15 @@ def main():
   print(f"same results: {same} of {args.num_queries} index lists identical, {near_ties} differ "
         f"only by documents within 1e-5 in score; max |score difference| at equal indices "
         f"{np.abs(ours_scores - faiss_scores)[ours_idx == faiss_idx].max():.2g}")
+  sample = np.random.default_rng(1).choice(args.num_queries, min(500, args.num_queries),
+                                           replace=False)
+  errors = []
+  for scores, idx in ((ours_scores, ours_idx), (faiss_scores, faiss_idx)):
+    exact = np.einsum("qd,qkd->qk", queries[sample].astype(np.float64),
+                      corpus[idx[sample]].astype(np.float64))
+    errors.append(np.abs(scores[sample] - exact).max())
+  print(f"score error vs float64 re-scoring ({len(sample)} queries): ours {errors[0]:.2g}, "
+        f"faiss {errors[1]:.2g}")
   print(f"ratio (faiss time / ours): {faiss_s / ours_s:.2f}x  "
         f"(with faiss's index.add: {(faiss_s + add_s) / ours_s:.2f}x)")
 

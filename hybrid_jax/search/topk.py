@@ -173,8 +173,14 @@ def _scan(queries_np, *, corpus, k: int, targets, mask, chunk_size: int, query_c
   counts[q, r] is the number of allowed documents ranked above targets[q, r]."""
   num_queries, num_docs = queries_np.shape[0], corpus.shape[0]
   num_devices = mesh.devices.size
-  chunk = _round_up(min(chunk_size, _round_up(num_docs, num_devices)), num_devices)
-  query_chunk = max(1, min(query_chunk_size, num_queries))
+  # Equal chunks of at most chunk_size rows (rounded up to whole groups of _chunk_topk on every
+  # device), so that the last one is not mostly padding: 100k documents in chunks of 65536 would
+  # score 131k rows, in two chunks of 50k they score 100k.
+  num_chunks = -(-num_docs // max(1, chunk_size))
+  chunk = _round_up(-(-num_docs // num_chunks), num_devices * _TOPK_GROUP)
+  if chunk > max(chunk_size, num_devices):  # a small chunk_size: whole devices, not groups
+    chunk = _round_up(-(-num_docs // num_chunks), num_devices)
+  query_chunk = -(-num_queries // -(-num_queries // max(1, query_chunk_size)))  # equal blocks
   num_targets = 0 if targets is None else targets.shape[1]
   local_rows = chunk // num_devices
   target_group = max(1, min(num_targets or 1, _RANK_COUNT_BUDGET // (query_chunk * local_rows)))
