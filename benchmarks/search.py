@@ -10,9 +10,10 @@ normal; ties have probability zero) in this process, on the same cores: `--threa
 cores of this machine) pins the process to that many cores (`os.sched_setaffinity`, before jax
 starts, so XLA's thread pool sees only them) and sets faiss's OpenMP threads to the same number.
 
-Timed: ours = `exact_topk` over the whole corpus after one warm-up call on one corpus chunk that
-compiles the same step (compilation time printed separately); faiss = `index.add` (a copy of the
-corpus into the index, printed separately) and `index.search`. Results are checked to be the same:
+Timed: ours = `exact_topk` over the whole corpus after warm-up calls on one corpus chunk that
+compile the same steps (`search.topk.block_shapes`; compilation time printed separately);
+faiss = `index.add` (a copy of the corpus into the index, printed separately) and
+`index.search`. Results are checked to be the same:
 identical index lists except where float rounding (XLA vs BLAS summation order) swaps documents
 whose scores differ by less than 1e-5, which must then agree on the score to that tolerance
 (float64 re-scoring of both lists); the float32 scores of both are compared with float64
@@ -113,17 +114,19 @@ def main():
   queries = rng.standard_normal((args.num_queries, args.dim), dtype=np.float32)
   chunks = dict(chunk_size=args.chunk_size, query_chunk_size=args.query_chunk_size)
 
+  # Warm-up: one query block against one corpus chunk of exactly the shapes the timed search
+  # uses, unmasked (full chunks) and masked (a padded last chunk), so nothing compiles later.
   started = time.perf_counter()
-  warm_rows = min(args.num_docs, args.chunk_size)
-  topk.exact_topk(queries[:min(args.num_queries, args.query_chunk_size)], corpus[:warm_rows],
-                  min(args.k, warm_rows), **chunks)
+  query_block, chunk = topk.block_shapes(args.num_queries, args.num_docs, **chunks)
+  for mask in (None, np.ones(chunk, bool)):
+    topk.exact_topk(queries[:query_block], corpus[:chunk], min(args.k, chunk), **chunks,
+                    corpus_mask=mask)
   compile_s = time.perf_counter() - started
   with PeakRss() as ours_memory:
     started = time.perf_counter()
     ours_scores, ours_idx = topk.exact_topk(queries, corpus, args.k, **chunks)
     ours_s = time.perf_counter() - started
-  bound = topk.peak_block_bytes(min(args.query_chunk_size, args.num_queries),
-                                min(args.chunk_size, args.num_docs), args.dim, args.k) / 2**30
+  bound = topk.peak_block_bytes(query_block, chunk, args.dim, args.k) / 2**30
   print(f"ours  exact_topk: {ours_s:8.2f} s  ({args.num_queries / ours_s:,.0f} queries/s; "
         f"warm-up/compile {compile_s:.1f} s), peak memory +{ours_memory.increase_gib:.2f} GiB "
         f"(chunk working set {bound:.2f} GiB; corpus {corpus.nbytes / 2**30:.2f} GiB)",

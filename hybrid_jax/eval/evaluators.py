@@ -10,11 +10,12 @@ evaluation inside training (eval/periodic.py):
 Types (the `type` of a config.evals spec, eval/defaults.py): "lareqa" (XQuAD-R / MLQA-R
 directory), "beir" (a BEIR-format directory, searched at corpus scale: search/beir_eval.py),
 "synthetic" (the built-in synthetic data's held-out ids, eval/synthetic_eval.py) and "mkqa"
-(MKQA queries against a BEIR-format corpus, answer recall: search/mkqa.py). `EVALUATOR_CLASSES` maps each to its class and is the only
-list of them: `EVALUATOR_TYPES` (the trainer's config check), `build_evaluators` (config.evals)
-and the evaluate command line (eval/runner.py) all read it. The base class lives in
-eval/grid_evaluator.py, so that type modules import it and this module imports them, never the
-reverse.
+(MKQA queries against a BEIR-format corpus, answer recall: search/mkqa.py).
+`EVALUATOR_CLASSES` maps each to its class and is the only list of them: `EVALUATOR_TYPES` (the
+trainer's config check), `build_evaluators` (config.evals) and the evaluate command line
+(eval/runner.py) all read it. The base classes live in eval/grid_evaluator.py and
+search/corpus_eval.py, so that type modules import them and this module imports the types, never
+the reverse.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ class RunOptions:
   mkqa_file: str = ""  # mkqa: the official mkqa.jsonl[.gz]
   corpus_dir: str = ""  # mkqa: the BEIR-format corpus directory (corpus.jsonl)
   answer_language: str = "en"  # mkqa: "en" or "query" (the query's own language)
-  corpus_store: str = ""  # beir / mkqa: corpus embedding store ("" = <output_dir>/embeddings/corpus)
+  corpus_store: str = ""  # beir / mkqa: embedding store ("" = <output_dir>/embeddings/corpus)
   store_shard_size: int = 100_000  # passages per store shard (the unit of resume)
   store_dtype: str = "float32"  # float32 | float16 on disk
   trec_depth: int = 0  # documents per query in run.trec (0: beir 1000, mkqa 100)

@@ -176,7 +176,8 @@ def open_store(directory: str, *, mmap: bool = True) -> ShardedEmbeddings:
     found = sorted(os.listdir(directory))[:8] if os.path.isdir(directory) else "no directory"
     raise StoreError(
         f"{directory} is not a corpus embedding store: expected {MANIFEST} (format {FORMAT}), "
-        f"found {found}. Write one with the evaluator (--corpus_store) or search.store.write_store.")
+        f"found {found}. Write one with the evaluator (--corpus_store) or "
+        "search.store.write_store.")
   if not manifest.get("complete"):
     raise StoreError(
         f"{directory}: the store is incomplete ({len(manifest.get('shards', []))} shards written "

@@ -167,25 +167,35 @@ def search_with_ranks(queries, corpus, k: int, *, targets=None, chunk_size: int 
                       target_ranks=target_ranks)
 
 
+def block_shapes(num_queries: int, num_docs: int, *, chunk_size: int = 65536,
+                 query_chunk_size: int = 4096, num_devices: int = 1) -> tuple[int, int]:
+  """(queries per block, corpus rows per chunk) that a search of this size compiles for.
+
+  Equal chunks of at most chunk_size rows (rounded up to whole groups of the top-k selection on
+  every device), so that the last one is not mostly padding: 100k documents in chunks of 65536
+  would score 131k rows, in two chunks of 50k they score 100k. Queries likewise."""
+  num_chunks = -(-num_docs // max(1, chunk_size))
+  chunk = _round_up(-(-num_docs // num_chunks), num_devices * _TOPK_GROUP)
+  if chunk > max(chunk_size, num_devices):  # a small chunk_size: whole devices, not groups
+    chunk = _round_up(-(-num_docs // num_chunks), num_devices)
+  query_chunk = -(-num_queries // -(-num_queries // max(1, query_chunk_size)))
+  return query_chunk, chunk
+
+
 def _scan(queries_np, *, corpus, k: int, targets, mask, chunk_size: int, query_chunk_size: int,
           mesh: Mesh, dtype, progress_desc: str | None):
   """One pass over the corpus: (scores [Q, k], indices [Q, k], counts [Q, R] or None), where
   counts[q, r] is the number of allowed documents ranked above targets[q, r]."""
   num_queries, num_docs = queries_np.shape[0], corpus.shape[0]
   num_devices = mesh.devices.size
-  # Equal chunks of at most chunk_size rows (rounded up to whole groups of _chunk_topk on every
-  # device), so that the last one is not mostly padding: 100k documents in chunks of 65536 would
-  # score 131k rows, in two chunks of 50k they score 100k.
-  num_chunks = -(-num_docs // max(1, chunk_size))
-  chunk = _round_up(-(-num_docs // num_chunks), num_devices * _TOPK_GROUP)
-  if chunk > max(chunk_size, num_devices):  # a small chunk_size: whole devices, not groups
-    chunk = _round_up(-(-num_docs // num_chunks), num_devices)
-  query_chunk = -(-num_queries // -(-num_queries // max(1, query_chunk_size)))  # equal blocks
+  query_chunk, chunk = block_shapes(num_queries, num_docs, chunk_size=chunk_size,
+                                    query_chunk_size=query_chunk_size, num_devices=num_devices)
   num_targets = 0 if targets is None else targets.shape[1]
   local_rows = chunk // num_devices
   target_group = max(1, min(num_targets or 1, _RANK_COUNT_BUDGET // (query_chunk * local_rows)))
-  step = _merge_step(mesh, k=k, local_k=min(k, local_rows), num_targets=num_targets,
-                     target_group=target_group)
+  steps = {masked: _merge_step(mesh, k=k, local_k=min(k, local_rows), num_targets=num_targets,
+                               target_group=target_group, masked=masked)
+           for masked in (False, True)}
 
   replicated = NamedSharding(mesh, P())
   rows_sharded = NamedSharding(mesh, P(mesh.axis_names))
@@ -207,6 +217,7 @@ def _scan(queries_np, *, corpus, k: int, targets, mask, chunk_size: int, query_c
     chunk_emb = jax.device_put(_padded_rows(corpus, start, chunk, dtype), rows_sharded)
     chunk_valid = jax.device_put(valid, rows_sharded)
     offset = jnp.int32(start)
+    step = steps[mask is not None or rows < chunk]
     for i, queries_block in enumerate(query_blocks):
       state[i] = step(state[i], queries_block, target_blocks[i], chunk_emb, chunk_valid, offset)
     progress.update(rows)
@@ -304,8 +315,10 @@ def _sorted_topk(scores, indices, k: int):
 
 
 @functools.lru_cache(maxsize=32)
-def _merge_step(mesh: Mesh, *, k: int, local_k: int, num_targets: int, target_group: int):
-  """Jitted (state, queries, targets, chunk, valid, offset) -> state for one corpus chunk."""
+def _merge_step(mesh: Mesh, *, k: int, local_k: int, num_targets: int, target_group: int,
+                masked: bool):
+  """Jitted (state, queries, targets, chunk, valid, offset) -> state for one corpus chunk;
+  `valid` is ignored (every row allowed) unless `masked`."""
   axes = mesh.axis_names
 
   def per_device(state, queries, targets, chunk, valid, offset):
@@ -314,8 +327,8 @@ def _merge_step(mesh: Mesh, *, k: int, local_k: int, num_targets: int, target_gr
     first_index = offset + device * local_rows
     scores = lax.dot_general(queries, chunk, (((1,), (1,)), ((), ())),
                              preferred_element_type=jnp.float32)  # [B, C/n]
-    scores = jnp.where(valid[None, :], _canonical(scores), -jnp.inf)
-    local_scores, local_pos = _chunk_topk(scores, local_k)
+    valid = valid if masked else None
+    local_scores, local_pos = _chunk_topk(scores, valid, local_k)
     gathered_scores = lax.all_gather(local_scores, axes, axis=1, tiled=True)  # [B, n*local_k]
     gathered_idx = lax.all_gather(local_pos + first_index, axes, axis=1, tiled=True)
     merged_scores, merged_idx = _sorted_topk(
@@ -324,7 +337,9 @@ def _merge_step(mesh: Mesh, *, k: int, local_k: int, num_targets: int, target_gr
     new_state = {"scores": merged_scores, "indices": merged_idx}
     if num_targets:
       doc_index = first_index + jnp.arange(local_rows, dtype=jnp.int32)
-      counts = _count_ranked_above(scores, doc_index, targets, target_group)
+      counts = _count_ranked_above(
+          _masked(scores, None if valid is None else valid[None, :]), doc_index, targets,
+          target_group)
       new_state["counts"] = state["counts"] + lax.psum(counts, axes)
     return new_state
 
@@ -339,8 +354,15 @@ def _merge_step(mesh: Mesh, *, k: int, local_k: int, num_targets: int, target_gr
   return jax.jit(mapped, donate_argnums=0)
 
 
-def _chunk_topk(scores, k: int):
-  """lax.top_k(scores, k) ([B, C] -> [B, k], lower position first among ties), faster for C >> k.
+def _masked(scores, valid):
+  """Scores of allowed rows, canonical; -inf for padding and masked-out rows (valid None: all
+  rows allowed)."""
+  return _canonical(scores) if valid is None else jnp.where(valid, _canonical(scores), -jnp.inf)
+
+
+def _chunk_topk(scores, valid, k: int):
+  """lax.top_k(_masked(scores, valid), k) ([B, C] -> [B, k], lower position first among ties),
+  faster for C >> k.
 
   `lax.top_k` on CPU is a sequential heap scan of every score. Instead, take the maximum of each
   group of G consecutive scores, the k best groups by that maximum (lower group first among
@@ -354,14 +376,23 @@ def _chunk_topk(scores, k: int):
   """
   batch, size = scores.shape
   group = _TOPK_GROUP
+  row_valid = None if valid is None else valid[None, :]
   if size < _TOPK_MIN_RATIO * k * group or size % group:
-    return lax.top_k(scores, k)
-  group_max = jnp.max(scores.reshape(batch, size // group, group), axis=2)  # [B, C/G]
+    return lax.top_k(_masked(scores, row_valid), k)
+  # Without a mask (every chunk but a padded last one, unless corpus_mask is given) nothing of
+  # size [B, C] is written besides the scores themselves: the reduction reads them straight from
+  # the matrix product, and canonicalising the maxima equals maximising canonical scores. An
+  # elementwise mask on the whole block costs a third of the step on CPU.
+  if valid is None:
+    group_max = _canonical(jnp.max(scores.reshape(batch, size // group, group), axis=2))
+  else:
+    group_max = jnp.max(_masked(scores, row_valid).reshape(batch, size // group, group), axis=2)
   _, best_groups = lax.top_k(group_max, k)  # [B, k]
   best_groups = jnp.sort(best_groups, axis=1)  # position order, so top_k's tie rule holds
   positions = (best_groups[:, :, None] * group + jnp.arange(group)[None, None, :]).reshape(
       batch, k * group)
-  candidates = jnp.take_along_axis(scores, positions, axis=1)  # [B, k * G]
+  candidates = _masked(jnp.take_along_axis(scores, positions, axis=1),
+                       None if valid is None else valid[positions])  # [B, k * G]
   top_scores, top = lax.top_k(candidates, k)
   return top_scores, jnp.take_along_axis(positions, top, axis=1)
 
