@@ -3,6 +3,7 @@ r"""Benchmark: exact top-k search, hybrid_jax.search.exact_topk vs faiss-cpu Ind
     python benchmarks/search.py                 # 10,000 queries x 1,000,000 x 384 float32, top 100
     python benchmarks/search.py --small         # 1,000 x 100,000: a smoke run of a few seconds
     python benchmarks/search.py --threads=1 --chunk_size=16384 --query_chunk_size=1024
+    python benchmarks/search.py --num_docs=200000 --rounds=5   # interleaved rounds, median ratio
 
 faiss `IndexFlatIP` is the exact maximum-inner-product index users pick (BLAS matrix products in
 blocks plus a heap per query). Both sides search the same seeded random float32 vectors (standard
@@ -15,7 +16,7 @@ compile the same steps (`search.topk.block_shapes`; compilation time printed sep
 faiss = `index.add` (a copy of the corpus into the index, printed separately) and
 `index.search`. Results are checked to be the same:
 identical index lists except where float rounding (XLA vs BLAS summation order) swaps documents
-whose scores differ by less than 1e-5, which must then agree on the score to that tolerance
+whose scores differ by less than 2e-4, which must then agree on the score to that tolerance
 (float64 re-scoring of both lists); the float32 scores of both are compared with float64
 re-scoring too. Peak memory: resident memory sampled every 20 ms during each
 side's run, minus the resident memory before it (the corpus and queries are already loaded); ours
@@ -43,6 +44,8 @@ def parse_args():
   parser.add_argument("--small", action="store_true",
                       help="1,000 queries x 100,000 documents (smoke run)")
   parser.add_argument("--skip_faiss", action="store_true", help="time ours only")
+  parser.add_argument("--rounds", type=int, default=1,
+                      help="timed rounds, faiss and ours in turn (the ratio's median is printed)")
   args = parser.parse_args()
   if args.small:
     args.num_queries, args.num_docs = 1_000, 100_000
@@ -79,20 +82,31 @@ class PeakRss:
     return (self.peak - self.before) / 2**30
 
 
-def check_same_results(queries, corpus, ours_idx, faiss_idx, tolerance=1e-5) -> tuple[int, int]:
-  """(rows with identical index lists, rows differing only within the tolerance); raises if a
-  row differs by more: then one side missed a document of the exact top k."""
+def check_same_results(queries, corpus, ours_idx, faiss_idx, tolerance=2e-4) -> dict:
+  """Counts of rows whose index lists are identical, hold the same documents in another order,
+  or differ in documents (and of those, where ours holds the exactly better ones); raises if two
+  lists differ by more than the tolerance, i.e. one side missed a document of the exact top k.
+  The tolerance is float32 rounding: faiss's scores are off by up to ~1.2e-4 here (its BLAS sums
+  384 products in another order), so documents whose true scores differ by less than that may
+  swap places."""
   import numpy as np  # pylint: disable=g-import-not-at-top
+  counts = {"identical": 0, "reordered": 0, "other_documents": 0, "ours_exactly_better": 0}
   differing = np.flatnonzero((ours_idx != faiss_idx).any(axis=1))
+  counts["identical"] = len(queries) - len(differing)
   for row in differing:
     q = queries[row].astype(np.float64)
-    ours = corpus[ours_idx[row]].astype(np.float64) @ q
-    theirs = corpus[faiss_idx[row]].astype(np.float64) @ q
-    gap = np.abs(np.sort(ours) - np.sort(theirs)).max()
+    ours = np.sort(corpus[ours_idx[row]].astype(np.float64) @ q)
+    theirs = np.sort(corpus[faiss_idx[row]].astype(np.float64) @ q)
+    gap = np.abs(ours - theirs).max()
     if gap > tolerance:
       raise AssertionError(f"query {row}: the two top-k lists differ by score {gap:.3g} > "
                            f"{tolerance}: not the same exact search")
-  return len(queries) - len(differing), len(differing)
+    if set(ours_idx[row]) == set(faiss_idx[row]):
+      counts["reordered"] += 1
+    else:
+      counts["other_documents"] += 1
+      counts["ours_exactly_better"] += int(ours.sum() > theirs.sum())
+  return counts
 
 
 def main():
@@ -145,9 +159,11 @@ def main():
   print(f"faiss IndexFlatIP: {faiss_s:8.2f} s  ({args.num_queries / faiss_s:,.0f} queries/s; "
         f"index.add {add_s:.1f} s), peak memory +{faiss_memory.increase_gib:.2f} GiB (index "
         "holds a copy of the corpus)", flush=True)
-  same, near_ties = check_same_results(queries, corpus, ours_idx, faiss_idx.astype(np.int64))
-  print(f"same results: {same} of {args.num_queries} index lists identical, {near_ties} differ "
-        f"only by documents within 1e-5 in score; max |score difference| at equal indices "
+  same = check_same_results(queries, corpus, ours_idx, faiss_idx.astype(np.int64))
+  print(f"same results: {same['identical']} of {args.num_queries} index lists identical, "
+        f"{same['reordered']} the same documents with near-tied neighbours swapped, "
+        f"{same['other_documents']} a k-th document within 2e-4 in score (ours exactly better in "
+        f"{same['ours_exactly_better']}); max |score difference| at equal indices "
         f"{np.abs(ours_scores - faiss_scores)[ours_idx == faiss_idx].max():.2g}")
   sample = np.random.default_rng(1).choice(args.num_queries, min(500, args.num_queries),
                                            replace=False)
@@ -159,7 +175,22 @@ def main():
   print(f"score error vs float64 re-scoring ({len(sample)} queries): ours {errors[0]:.2g}, "
         f"faiss {errors[1]:.2g}")
   print(f"ratio (faiss time / ours): {faiss_s / ours_s:.2f}x  "
-        f"(with faiss's index.add: {(faiss_s + add_s) / ours_s:.2f}x)")
+        f"(with faiss's index.add: {(faiss_s + add_s) / ours_s:.2f}x)", flush=True)
+  if args.rounds > 1:
+    # More rounds, each side in turn, so that load from other processes hits both alike.
+    ratios = [faiss_s / ours_s]
+    for r in range(2, args.rounds + 1):
+      started = time.perf_counter()
+      index.search(queries, args.k)
+      faiss_s = time.perf_counter() - started
+      started = time.perf_counter()
+      topk.exact_topk(queries, corpus, args.k, **chunks)
+      ours_s = time.perf_counter() - started
+      ratios.append(faiss_s / ours_s)
+      print(f"round {r}: ours {ours_s:.2f} s, faiss {faiss_s:.2f} s, ratio {ratios[-1]:.2f}x",
+            flush=True)
+    print(f"median ratio over {args.rounds} interleaved rounds: {np.median(ratios):.2f}x "
+          f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x)")
 
 
 if __name__ == "__main__":

@@ -210,7 +210,12 @@ def _scan(queries_np, *, corpus, k: int, targets, mask, chunk_size: int, query_c
 
   progress = metrics_lib.Progress(num_docs, progress_desc or "", interval=10.0,
                                  enabled=bool(progress_desc), unit="documents")
+  in_flight = None  # the previous chunk's states: waited on before the next chunk is placed
   for start in range(0, num_docs, chunk):
+    if in_flight is not None:
+      # Asynchronous dispatch would otherwise let the host place chunk after chunk on the device
+      # while earlier ones are still being scored: memory would grow with the corpus.
+      jax.block_until_ready(in_flight)
     rows = min(chunk, num_docs - start)
     valid = np.zeros(chunk, bool)
     valid[:rows] = True if mask is None else mask[start:start + rows]
@@ -220,6 +225,9 @@ def _scan(queries_np, *, corpus, k: int, targets, mask, chunk_size: int, query_c
     step = steps[mask is not None or rows < chunk]
     for i, queries_block in enumerate(query_blocks):
       state[i] = step(state[i], queries_block, target_blocks[i], chunk_emb, chunk_valid, offset)
+    # Steps run in dispatch order: once this chunk's first step is done, so is every step of
+    # the previous chunk, whose buffers can then go.
+    in_flight = state[0]
     progress.update(rows)
 
   scores = np.concatenate([np.asarray(s["scores"]) for s in state])[:num_queries]
