@@ -43,6 +43,7 @@ def test_runs_differ_only_in_strategy_alpha_seed_and_direction():
   assert (a["data.heldout_fraction"], a["train.num_steps"], a["model.init_from"] != "") == (
       0.2, 300, True)
   assert a["data.query_prefix"] == "query: " and a["data.validation_batch_type"] == "hybrid"
+  assert a["train.mask_false_negatives"] is True
 
 
 @pytest.mark.parametrize("baseline,alpha", [("mono", 1.0), ("xy", 0.0)])
