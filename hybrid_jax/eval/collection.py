@@ -29,8 +29,21 @@ class CollectionError(errors.UserError):
   """Evaluation data is missing, unreadable or inconsistent."""
 
 
+class QueryCounts:
+  """num_queries / num_candidates of anything with query_uids and candidate_uids (a Collection,
+  search/corpus_eval.py's CorpusQueries)."""
+
+  @property
+  def num_queries(self) -> int:
+    return len(self.query_uids)
+
+  @property
+  def num_candidates(self) -> int:
+    return len(self.candidate_uids)
+
+
 @dataclasses.dataclass(frozen=True)
-class Collection:
+class Collection(QueryCounts):
   """Queries, candidates and relevance of one evaluation set.
 
   relevant[i] lists (candidate index, gain) pairs for query i; candidates of every language form
@@ -65,14 +78,6 @@ class Collection:
     if unknown:
       raise CollectionError(f"collection {self.name!r}: languages {sorted(unknown)} are not in "
                             f"its language list {self.languages}")
-
-  @property
-  def num_queries(self) -> int:
-    return len(self.query_uids)
-
-  @property
-  def num_candidates(self) -> int:
-    return len(self.candidate_uids)
 
   def lang_index(self, langs: Sequence[str]) -> np.ndarray:
     position = {lang: i for i, lang in enumerate(self.languages)}

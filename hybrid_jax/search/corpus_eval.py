@@ -53,7 +53,7 @@ class CorpusEvalError(errors.UserError):
 
 
 @dataclasses.dataclass(frozen=True)
-class CorpusQueries:
+class CorpusQueries(collection_lib.QueryCounts):
   """The queries of a corpus-scale evaluation and the ids of its corpus (never its texts).
 
   Duck-types what the runner and eval/report.py read of a Collection: name, languages, query
@@ -76,14 +76,6 @@ class CorpusQueries:
     duplicates = _first_duplicate(self.query_uids)
     if duplicates is not None:
       raise CorpusEvalError(f"{self.name}: query id {duplicates!r} appears more than once")
-
-  @property
-  def num_queries(self) -> int:
-    return len(self.query_uids)
-
-  @property
-  def num_candidates(self) -> int:
-    return len(self.candidate_uids)
 
 
 def _first_duplicate(items: Sequence[str]) -> str | None:
