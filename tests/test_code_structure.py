@@ -140,3 +140,18 @@ def test_private_name_finder_sees_a_planted_use(tmp_path):
         f"tests/{planted.name}:2: hybrid_jax.losses._to_chunks"]
   finally:
     planted.unlink()
+
+
+def test_modules_the_tests_import_live_in_one_process():
+  """Command-line modules define absl flags at import; two that define the same name cannot live
+  in one process, and pytest imports every module any test imports into one: import them all."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  package = set(_package_modules())
+  imported = set()
+  for path in (REPO / "tests").rglob("*.py"):
+    imported |= _imported_modules(path, package)
+  code = "import importlib, sys\nfor m in sys.argv[1:]:\n  importlib.import_module(m)\n"
+  result = subprocess.run([sys.executable, "-c", code, *sorted(imported)], cwd=REPO,
+                          capture_output=True, text=True, check=False, timeout=300)
+  assert len(imported) > 30 and result.returncode == 0, result.stderr[-2000:]

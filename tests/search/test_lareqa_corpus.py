@@ -1,4 +1,4 @@
-"""search.convert_lareqa: XQuAD-R + MLQA-R as one BEIR corpus, read back by the BEIR evaluator."""
+"""search.lareqa_corpus: XQuAD-R + MLQA-R as one BEIR corpus, read back by the BEIR evaluator."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hybrid_jax.data import lareqa
 from hybrid_jax.eval import collection as collection_lib
 from hybrid_jax.search import beir_eval
-from hybrid_jax.search import convert_lareqa
+from hybrid_jax.search import lareqa_corpus
 
 ROOT = lareqa.default_data_root()
 pytestmark = pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, "mlqa-r")),
@@ -18,8 +18,8 @@ pytestmark = pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, "mlqa-r")),
 
 
 def test_converted_corpus_holds_both_datasets_with_lareqa_relevance(tmp_path):
-  dirs = {name: os.path.join(ROOT, name) for name in convert_lareqa.DATASETS}
-  counts = convert_lareqa.convert(str(tmp_path), dirs)
+  dirs = {name: os.path.join(ROOT, name) for name in lareqa_corpus.DATASETS}
+  counts = lareqa_corpus.convert(str(tmp_path), dirs)
   assert counts["passages"] == 33548 and counts["queries"] == 17289  # 13,014 + 20,534 passages
   assert counts["languages"] == ["ar", "de", "el", "en", "es", "hi", "ru", "th", "tr", "vi", "zh"]
   evaluator = beir_eval.BeirEvaluator(str(tmp_path), show_progress=False)
