@@ -56,9 +56,9 @@ def get_config(arg=None):
   train.num_steps = args.steps
   train.warmup_steps = args.steps // 10
   train.learning_rate = 3e-5  # the paper's
-  # No row is pushed away from its own positive passage when another question shares it
-  # (losses.py, data/passage_ids.py): over 300 steps of batch 32 that happens for ~1,000 row
-  # pairs on XQuAD-R, where questions often share a gold sentence, and ~10 on MLQA-R.
+  # No row is pushed away from one of its own gold sentences when another row holds it as its
+  # positive or hard negative (losses.py, data/passage_ids.py): over 300 steps of batch 32,
+  # ~410 row pairs on XQuAD-R (questions often share a gold sentence in a language), ~2 on MLQA-R.
   train.mask_false_negatives = True
   train.log_every_steps = 10
   train.eval_every_steps = 50  # validation loss on the fixed hybrid batches -> best checkpoint

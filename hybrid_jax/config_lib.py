@@ -77,8 +77,8 @@ def train_config() -> ml_collections.ConfigDict:
   config.in_batch_negatives = True  # other rows' positives are negatives (hard negatives: data.)
   config.symmetric_loss = False  # add the passage -> query term
   config.mask_same_id = True  # rows sharing a question id are never negatives of each other
-  # Drop every candidate (in-batch positive or hard negative of any row) that is the row's own
-  # positive passage (passage ids, data/passage_ids.py), e.g. a neighbour-sentence negative that
+  # Drop every candidate (in-batch positive or hard negative of any row) that is one of the row's
+  # positives in any language (passage ids, data/passage_ids.py), e.g. a neighbour-sentence negative that
   # is another row's gold sentence. Off by default for now: on, it changes LAReQA runs' losses.
   config.mask_false_negatives = False
   config.gradcache_chunk_size = 0  # >0: GradCache re-encoding in chunks of this many rows

@@ -12,13 +12,16 @@ C_i the negatives of row i, chosen by `LossConfig`:
   mask_same_id        a positive d+_j whose question id equals row i's is dropped from C_i: in an
                       X-Y or mixed batch the same passage can appear in several languages and must
                       not be pushed away. Row i's own positive always stays.
-  mask_false_negatives  every candidate that IS row i's positive passage is dropped from C_i,
+  mask_false_negatives  every candidate that IS one of row i's positives is dropped from C_i,
                       whatever row or slot it came from: an in-batch positive d+_j or a hard
                       negative d-_j (j = i included) whose passage id (data/passage_ids.py: one id
-                      per passage, shared by its translations and by identical texts) equals
-                      d+_i's. Catches what mask_same_id cannot: a neighbouring-sentence hard
-                      negative that is another row's gold sentence, and two question ids sharing
-                      one gold sentence.
+                      per passage, shared by identical texts and by equal names) is among the ids
+                      of row i's record's positives in all languages (relevant_passage_ids).
+                      Catches what mask_same_id cannot: a neighbouring-sentence hard negative that
+                      is another row's gold sentence, and two question ids sharing one gold
+                      sentence (masked in that sentence's language only: elsewhere the other
+                      question's gold sentence is a true negative). Not symmetric: the
+                      passage -> query term drops query j for d+_i when d+_i is relevant to j.
   symmetric           adds the passage -> query term (d+_i against all queries, same masking) and
                       averages the two directions.
 The batch loss is the MEAN of l_i over the B rows (the paper writes a sum; the mean keeps the
@@ -58,7 +61,7 @@ Batch features each loss needs (fail fast, before compiling, via `check_batch`):
   query_input_ids, query_attention_mask, passage_input_ids, passage_attention_mask   always
   negative_input_ids, negative_attention_mask                                          hard_negatives
   question_id                                                                          mask_same_id
-  passage_id (+ negative_passage_id with hard_negatives)                         mask_false_negatives
+  passage_id, relevant_passage_ids (+ negative_passage_id)                        mask_false_negatives
   batch_type                                                                           always (metrics)
 """
 
@@ -130,7 +133,7 @@ class LossConfig:
     if self.mask_same_id:
       features.append("question_id")
     if self.mask_false_negatives:
-      features.append("passage_id")
+      features += ["passage_id", "relevant_passage_ids"]
       if self.hard_negatives:
         features.append("negative_passage_id")
     return tuple(features)
@@ -145,9 +148,10 @@ class LossConfig:
                        "so the pipeline produces them)")
       if "question_id" in missing:
         reasons.append("mask_same_id=True needs question_id (or set train.mask_same_id=False)")
-      if any(k.endswith("passage_id") for k in missing):
-        reasons.append("mask_false_negatives=True needs passage_id / negative_passage_id (the "
-                       "data pipeline writes them; or set train.mask_false_negatives=False)")
+      if any("passage_id" in k for k in missing):
+        reasons.append("mask_false_negatives=True needs passage_id / relevant_passage_ids / "
+                       "negative_passage_id (the data pipeline writes them; or set "
+                       "train.mask_false_negatives=False)")
       raise LossConfigError(
           f"the batch lacks feature(s) {missing} needed by the loss; it has {sorted(batch)}. "
           + "; ".join(reasons))
@@ -191,10 +195,17 @@ def _either(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
   return a | b
 
 
+def _is_relevant(relevant_passage_ids: jax.Array, candidate_passage_id: jax.Array) -> jax.Array:
+  """[B, C]: candidate j's passage is one of row i's positives ([B, K] ids, -1 padding)."""
+  hit = relevant_passage_ids[:, :, None] == candidate_passage_id[None, None, :]  # [B, K, C]
+  return jnp.any(hit & (relevant_passage_ids[:, :, None] >= 0), axis=1)
+
+
 def embedding_loss(query_emb: jax.Array, passage_emb: jax.Array, negative_emb: jax.Array | None,
                    question_id: jax.Array | None, batch_type: jax.Array, scale: jax.Array,
                    config: LossConfig, *, passage_id: jax.Array | None = None,
-                   negative_passage_id: jax.Array | None = None
+                   negative_passage_id: jax.Array | None = None,
+                   relevant_passage_ids: jax.Array | None = None
                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """InfoNCE on embeddings of the GLOBAL batch.
 
@@ -205,8 +216,9 @@ def embedding_loss(query_emb: jax.Array, passage_emb: jax.Array, negative_emb: j
     question_id: [B] int; rows with equal ids are never negatives of each other (mask_same_id).
     batch_type: [B] int in {0 mono, 1 xy, 2 mixed}, for the per-type breakdown.
     scale: scalar logit scale (1 / temperature).
-    passage_id, negative_passage_id: [B] int passage ids of the positives and hard negatives
-      (mask_false_negatives): a candidate whose passage is row i's positive is dropped for row i.
+    passage_id, negative_passage_id: [B] int passage ids of the positives and hard negatives;
+    relevant_passage_ids: [B, K] int ids of each row's positives in every language, -1 padding
+      (mask_false_negatives): a candidate whose passage is one of them is dropped for the row.
   Returns:
     (mean loss, aux) with aux: loss_per_type_sum [3], rows_per_type [3] (so means can be
     accumulated over steps), accuracy (query's positive ranked first among its candidates), scale.
@@ -218,10 +230,12 @@ def embedding_loss(query_emb: jax.Array, passage_emb: jax.Array, negative_emb: j
   if config.mask_same_id:
     shared_positive = question_id[:, None] == question_id[None, :]  # [B, B]
   if config.mask_false_negatives:
-    if passage_id is None or (config.hard_negatives and negative_passage_id is None):
+    if passage_id is None or relevant_passage_ids is None or (
+        config.hard_negatives and negative_passage_id is None):
       raise LossConfigError("mask_false_negatives=True but no passage ids were given")
-    # [B, B]: positive j is row i's own positive passage (symmetric).
-    shared_positive = _either(shared_positive, passage_id[:, None] == passage_id[None, :])
+    # [B, B]: positive j is one of row i's positives (not symmetric).
+    shared_positive = _either(shared_positive,
+                              _is_relevant(relevant_passage_ids, passage_id))
 
   # Query -> passage: candidates are [positives (B) | hard negatives (B)]; the label is column i.
   candidates, candidate_mask = [], []
@@ -240,7 +254,7 @@ def embedding_loss(query_emb: jax.Array, passage_emb: jax.Array, negative_emb: j
     candidates.append(scale * query_emb @ negative_emb.astype(jnp.float32).T)  # [B, B]
     if config.mask_false_negatives:
       # Hard negative j (j = i included) that is row i's positive passage: a false negative.
-      candidate_mask.append(passage_id[:, None] == negative_passage_id[None, :])
+      candidate_mask.append(_is_relevant(relevant_passage_ids, negative_passage_id))
     else:
       candidate_mask.append(jnp.zeros((b, b), bool))  # assumed never a positive
   logits = jnp.concatenate(candidates, axis=1)  # [B, B or 2B]
@@ -250,12 +264,13 @@ def embedding_loss(query_emb: jax.Array, passage_emb: jax.Array, negative_emb: j
   accuracy = jnp.mean(jnp.argmax(masked_logits, axis=1) == jnp.arange(b))
 
   if config.symmetric:
-    # Passage -> query: d+_i against every query, the same rows dropped (the relation is symmetric).
+    # Passage -> query: d+_i against every query; query j is dropped when d+_i is one of its
+    # positives, i.e. shared_positive[j, i].
     pq = qp.T  # [B, B]
     if not config.in_batch_negatives:
       pq_drop = ~jnp.eye(b, dtype=bool)
     else:
-      pq_drop = shared_positive if shared_positive is not None else jnp.zeros((b, b), bool)
+      pq_drop = shared_positive.T if shared_positive is not None else jnp.zeros((b, b), bool)
     row_loss = 0.5 * (row_loss + _masked_log_softmax_at_diagonal(pq, pq_drop))
 
   types = jax.nn.one_hot(batch_type, len(BATCH_TYPE_NAMES), dtype=jnp.float32)  # [B, 3]
@@ -289,7 +304,8 @@ def loss_on_embeddings(embeddings: dict, params: Mapping[str, Any], batch, confi
   return embedding_loss(embeddings["query"], embeddings["passage"], embeddings.get("negative"),
                         batch.get("question_id"), batch["batch_type"], scale_of(params, config),
                         config, passage_id=batch.get("passage_id"),
-                        negative_passage_id=batch.get("negative_passage_id"))
+                        negative_passage_id=batch.get("negative_passage_id"),
+                        relevant_passage_ids=batch.get("relevant_passage_ids"))
 
 
 # --- plain ----------------------------------------------------------------------------------------

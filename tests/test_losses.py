@@ -56,17 +56,26 @@ def _batch(b, seed=0, dup_ids=True, lengths=(5, 7)):
     npid[2] = npid[4] = pid[0]
     npid[7] = pid[2]
     npid[6] = pid[6]
+  # Relevance is a relation: row i's record's positives in every language. Row 1's record also
+  # holds row 5's passage (two questions sharing a gold sentence in one language): row 1 must not
+  # take it as a negative, but row 5 may take row 1's positive.
+  relevant = np.stack([pid, np.full(b, -1, np.int32)], axis=1)
+  if b > 5:
+    relevant[1, 1] = pid[5]
   batch["passage_id"], batch["negative_passage_id"] = pid, npid
+  batch["relevant_passage_ids"] = relevant
   batch["batch_type"] = (np.arange(b) % 3 == 0).astype(np.int32)  # mono / xy rows
   return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
 # --- NumPy reference: one row at a time, straight from the formula ------------------------------
-def _reference(q, p, n, qid, btype, scale, cfg, pid=None, npid=None):
+def _reference(q, p, n, qid, btype, scale, cfg, pid=None, npid=None, relevant=None):
   q, p = np.asarray(q, np.float64), np.asarray(p, np.float64)
   b = len(q)
+  rel = [set(r[r >= 0].tolist()) for r in relevant] if relevant is not None else None
 
-  def term(anchor, positives, others_pos, extra):
+  def term(anchor, positives, others_pos, extra, false_negative):
+    """false_negative(i, j): row i's candidate j (j's positive) is one of i's positives."""
     values = []
     for i in range(b):
       cands = [scale * anchor[i] @ positives[i]]
@@ -75,19 +84,21 @@ def _reference(q, p, n, qid, btype, scale, cfg, pid=None, npid=None):
           continue
         if cfg.mask_same_id and qid[j] == qid[i]:
           continue
-        if cfg.mask_false_negatives and pid[j] == pid[i]:
+        if cfg.mask_false_negatives and false_negative(i, j):
           continue
         cands.append(scale * anchor[i] @ others_pos[j])
       if extra is not None:
         cands += [scale * anchor[i] @ extra[j] for j in range(b)
-                  if not (cfg.mask_false_negatives and npid[j] == pid[i])]
+                  if not (cfg.mask_false_negatives and npid[j] in rel[i])]
       cands = np.asarray(cands)
       values.append(-(cands[0] - np.log(np.exp(cands).sum())))
     return np.asarray(values)
 
-  rows = term(q, p, p, np.asarray(n, np.float64) if cfg.hard_negatives else None)
+  rows = term(q, p, p, np.asarray(n, np.float64) if cfg.hard_negatives else None,
+              lambda i, j: pid[j] in rel[i])
   if cfg.symmetric:
-    rows = 0.5 * (rows + term(p, q, q, None))
+    # Passage i against query j: j is dropped when passage i is one of j's positives.
+    rows = 0.5 * (rows + term(p, q, q, None, lambda i, j: pid[i] in rel[j]))
   per_type = np.asarray([rows[np.asarray(btype) == t].sum() for t in range(3)])
   return rows.mean(), per_type
 
@@ -109,11 +120,13 @@ def test_embedding_loss_matches_numpy_reference(cfg):
   loss, aux = jax.jit(losses.embedding_loss, static_argnums=6)(
       jnp.asarray(q, jnp.float32), jnp.asarray(p, jnp.float32), jnp.asarray(n, jnp.float32),
       batch["question_id"], batch["batch_type"], jnp.float32(1 / 0.07), cfg,
-      passage_id=batch["passage_id"], negative_passage_id=batch["negative_passage_id"])
+      passage_id=batch["passage_id"], negative_passage_id=batch["negative_passage_id"],
+      relevant_passage_ids=batch["relevant_passage_ids"])
   ref_loss, ref_per_type = _reference(q, p, n, np.asarray(batch["question_id"]),
                                       np.asarray(batch["batch_type"]), 1 / 0.07, cfg,
                                       np.asarray(batch["passage_id"]),
-                                      np.asarray(batch["negative_passage_id"]))
+                                      np.asarray(batch["negative_passage_id"]),
+                                      np.asarray(batch["relevant_passage_ids"]))
   np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(aux["loss_per_type_sum"]), ref_per_type, rtol=1e-5)
   np.testing.assert_array_equal(np.asarray(aux["rows_per_type"]), [5, 3, 0])

@@ -68,6 +68,9 @@ def random_token_batch(seed: int, batch_size: int, lengths: dict, vocab_size: in
         batch[f"negative_{part}"][row] = batch[f"passage_{part}"][source]
       negative_passage_id[row] = batch["passage_id"][source]
   batch["negative_passage_id"] = negative_passage_id
+  # Each row's positives in every language: its own passage (one language in this batch).
+  batch["relevant_passage_ids"] = np.stack(
+      [batch["passage_id"], np.full(batch_size, -1, np.int32)], axis=1)
   batch["batch_type"] = (np.arange(batch_size) % num_batch_types).astype(np.int32)
   return batch
 

@@ -17,11 +17,13 @@ next one, else the previous one; a one-sentence paragraph uses the first sentenc
 paragraph). An id is paired only in the languages whose file holds it: MLQA-R ids exist in 2 to 4
 of its 7 languages.
 
-Passage ids (records.py `positive_id` / `negative_id`, the loss's false-negative mask): the gold
-sentences of one question id in all languages are one passage, named by the question id; question
-ids that share a gold sentence in some language share one passage, named by the first of them
-(`passage_names`). A neighbouring sentence that is a training question's gold sentence carries that
-passage's name (it is a false negative for that question); any other sentence its candidate uid.
+Passage ids (records.py `positive_id` / `negative_id`, the loss's false-negative mask): every
+sentence is named by its candidate uid, positives and hard negatives alike, so a neighbouring
+sentence that is some training question's gold sentence has that gold cell's id. Sentences are
+not merged across questions: two questions sharing a gold sentence in one language have different
+gold sentences elsewhere, and LAReQA counts only a question's own gold sentences as relevant. The
+loss masks, for each row, the candidates that are one of its question's gold sentences in any
+language (`relevant_passage_ids`, data/passage_ids.py).
 """
 
 from __future__ import annotations
@@ -284,7 +286,6 @@ def training_examples(data_dir: str, languages: Sequence[str] | None = None,
   only the train part: no test id, and no hard negative from a test article.
   """
   parsed = read_part(data_dir, languages or None, heldout, "train")
-  names = passage_names(parsed)
   by_id: dict[str, dict[str, records.LanguageTexts]] = {}
   for lang, data in parsed.items():
     position = {c.uid: i for i, c in enumerate(data.candidates)}
@@ -300,36 +301,8 @@ def training_examples(data_dir: str, languages: Sequence[str] | None = None,
       by_id.setdefault(question.id, {})[lang] = records.LanguageTexts(
           question.question, candidate_text(gold, with_context),
           candidate_text(negative, with_context) if negative is not None else None,
-          positive_id=names[gold.uid],
-          negative_id=names.get(negative.uid, negative.uid) if negative is not None else None)
+          positive_id=gold.uid, negative_id=negative.uid if negative is not None else None)
   return [records.ParallelExample(qid, langs) for qid, langs in by_id.items()]
-
-
-def passage_names(parsed: dict[str, LareqaLanguage]) -> dict[str, str]:
-  """Candidate uid -> passage name, for every gold sentence of the parsed questions.
-
-  A question's gold sentences in all languages form one passage; questions sharing a gold
-  sentence merge theirs (union-find). The name is the first question id of the merged group, in
-  reading order (languages as given, questions in file order)."""
-  parent: dict[str, str] = {}
-  order: dict[str, int] = {}
-
-  def find(qid: str) -> str:
-    while parent[qid] != qid:
-      parent[qid] = parent[parent[qid]]  # path halving
-      qid = parent[qid]
-    return qid
-
-  owner: dict[str, str] = {}  # gold uid -> the first question id it is gold of
-  for data in parsed.values():
-    for question in data.questions:
-      parent.setdefault(question.id, question.id)
-      order.setdefault(question.id, len(order))
-      a, b = find(owner.setdefault(question.gold_uid, question.id)), find(question.id)
-      if a != b:  # the earlier question id stays the root, so it names the group
-        a, b = sorted((a, b), key=order.__getitem__)
-        parent[b] = a
-  return {uid: find(qid) for uid, qid in owner.items()}
 
 
 def _neighbour(candidates: list[Candidate], i: int) -> Candidate | None:

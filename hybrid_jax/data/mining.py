@@ -138,10 +138,9 @@ def lareqa_inputs(data_dir: str, languages: Sequence[str] = (), with_context: bo
   (the train part's), named as the training examples name them."""
   examples = lareqa.training_examples(data_dir, languages or None, with_context, heldout)
   parsed = lareqa.read_part(data_dir, languages or None, heldout, "train")
-  names = lareqa.passage_names(parsed)
   candidates = [c for data in parsed.values() for c in data.candidates]
   return examples, Pool([lareqa.candidate_text(c, with_context) for c in candidates],
-                        [c.lang for c in candidates], [names.get(c.uid, c.uid) for c in candidates],
+                        [c.lang for c in candidates], [c.uid for c in candidates],
                         [c.uid for c in candidates])
 
 

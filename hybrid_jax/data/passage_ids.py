@@ -1,22 +1,28 @@
 """Passage identity: which passages of a corpus are the same passage, in any row, language or slot.
 
-The loss must never push a row away from its own positive. mask_same_id catches the positives of
-rows that share the question id; this module catches the rest, so that train.mask_false_negatives
-can drop every candidate column (an in-batch positive or a hard negative of any row) that is the
-row's own positive passage. Such collisions are common: in LAReQA training pairs the neighbouring
+The loss must never push a row away from one of its own positives. mask_same_id catches the rows
+that share the question id; this module catches the rest, so that train.mask_false_negatives can
+drop every candidate column (an in-batch positive or a hard negative of any row) that is one of
+the row's positives. Such collisions are common: in LAReQA training pairs the neighbouring
 sentence used as hard negative is often another question's gold sentence (MLQA-R 427 of 4199
-rows, XQuAD-R 8697 of 13090), and two question ids often share one gold sentence (XQuAD-R 7400).
+rows, XQuAD-R 8697 of 13090), and two question ids often share one gold sentence in a language
+(XQuAD-R 7400).
 
-Passages are nodes of a graph joined by two kinds of evidence:
-  names  a positive is named by its record's `positive_id`, else by its question id (so the
-         translations of one question's positive are one passage); a negative by its
-         `negative_id` (none: only its text identifies it);
+A passage id is an identity, so it must be transitive: passages are nodes of a graph joined by
+  names  a positive's `positive_id`, a negative's `negative_id` (records.py; LAReQA names every
+         sentence by its candidate uid); a cell without a name is identified by its text alone;
   texts  passages with the same text are one passage whatever their names say: they embed
          identically, so one of them as a negative is the other's positive.
 A passage id is a connected component (names and texts both nodes, each passage an edge between
 its name and its text), numbered 0, 1, ... in order of first appearance (positives row by row,
 then negatives, then any `extra` passages, e.g. a mining pool), so ids are a pure function of the
 inputs: every host derives the same ones.
+
+Relevance is a relation, not an identity: the positives of a row are its record's positives in
+every language (`relevant_passage_ids`, [b, K]), and candidate j is a false negative of row i when
+its passage id is one of them. Two questions that share a gold sentence in one language stay
+different passages in the others (naming a question's positives by the question id, and merging
+such groups, would make "shares a sentence" transitive and mask legitimate negatives).
 """
 
 from __future__ import annotations
@@ -42,8 +48,11 @@ class PassageIds:
 
   def of_rows(self, example: np.ndarray, passage_lang: np.ndarray,
               negative_column: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Batch features of rows: passage_id [b] and, given negative columns, negative_passage_id."""
-    out = {"passage_id": self.positive[example, passage_lang].astype(np.int32)}
+    """Batch features of rows: passage_id [b], relevant_passage_ids [b, K] (the row's positives
+    in every language, -1 where the record lacks the language) and, given negative columns,
+    negative_passage_id [b]."""
+    out = {"passage_id": self.positive[example, passage_lang].astype(np.int32),
+           "relevant_passage_ids": self.positive[example].astype(np.int32)}
     if negative_column is not None:
       out["negative_passage_id"] = self.negative[example, negative_column].astype(np.int32)
     return out
@@ -68,8 +77,7 @@ def resolve(corpus: records.ParallelCorpus,
   positive_names = corpus.positive_ids
   present = np.argwhere(np.not_equal(corpus.positives, None))  # row-major
   for n, k in present:
-    name = positive_names[n, k] if positive_names is not None else None
-    add(corpus.positives[n, k], corpus.ids[n] if name is None else name)
+    add(corpus.positives[n, k], positive_names[n, k] if positive_names is not None else None)
   negative_cells = np.argwhere(np.not_equal(negative_texts, None))
   for n, c in negative_cells:
     add(negative_texts[n, c], negative_names[n, c])

@@ -19,8 +19,11 @@ Batch arrays (b = B / P rows on this host):
   negative_input_ids, negative_attention_mask    [b, passage_max_length] int32 (hard_negatives)
   question_id   [b] int32  corpus row of the id: equal across rows <=> same question (loss mask)
   passage_id    [b] int32  passage of the positive (data/passage_ids.py): equal <=> same passage
-  negative_passage_id [b] int32  passage of the hard negative (hard_negatives); the two let the
-                loss mask a row's own positive wherever it appears (train.mask_false_negatives)
+  relevant_passage_ids [b, K] int32  passage ids of the row's record's positives in every
+                language (-1: the record lacks it); a candidate whose passage_id or
+                negative_passage_id is among them is a false negative of the row
+  negative_passage_id [b] int32  passage of the hard negative (hard_negatives); with the two above
+                the loss masks a row's positives wherever they appear (train.mask_false_negatives)
   query_lang    [b] int32  index into TrainingData.languages
   passage_lang  [b] int32  language of the positive; the hard negative is the one the record
                 gives for the positive's language (or, if it names one, for the row's query language)
@@ -48,8 +51,8 @@ from hybrid_jax.data import tokenization
 from hybrid_jax.data import tokenized
 
 BATCH_KEYS = ("query_input_ids", "query_attention_mask", "passage_input_ids",
-              "passage_attention_mask", "question_id", "passage_id", "query_lang", "passage_lang",
-              "batch_type")
+              "passage_attention_mask", "question_id", "passage_id", "relevant_passage_ids",
+              "query_lang", "passage_lang", "batch_type")
 NEGATIVE_KEYS = ("negative_input_ids", "negative_attention_mask", "negative_passage_id")
 
 def resolve_tokenizer(config, data_config) -> tokenization.Tokenizer:
@@ -171,8 +174,10 @@ class TrainingData:
     tf = tf_runtime.import_tensorflow(self.config.tf_threads)
     tables = self._tf_tables(tf)
     sampler = self.sampler
-    # The plan's int32 [b] arrays, in this order; "negative_column" only selects negative cells.
-    plan_keys = ["question_id", "query_lang", "passage_lang", "batch_type", "passage_id"]
+    # The plan's int32 [b] arrays (relevant_passage_ids [b, K]), in this order; "negative_column"
+    # only selects negative cells.
+    plan_keys = ["question_id", "query_lang", "passage_lang", "batch_type", "passage_id",
+                 "relevant_passage_ids"]
     if self.negatives is not None:
       plan_keys += ["negative_column", "negative_passage_id"]
 
@@ -189,7 +194,9 @@ class TrainingData:
 
     def plan_op(step):
       arrays = tf.numpy_function(host_plan, [step], [tf.int32] * len(plan_keys), stateful=False)
-      return {name: tf.ensure_shape(x, [host_size]) for name, x in zip(plan_keys, arrays)}
+      shapes = {"relevant_passage_ids": [host_size, len(self.languages)]}
+      return {name: tf.ensure_shape(x, shapes.get(name, [host_size]))
+              for name, x in zip(plan_keys, arrays)}
 
     def arrays_op(plan):
       batch = dict(plan)

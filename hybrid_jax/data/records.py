@@ -14,10 +14,11 @@ Any other key is an error, so that a typo ("postive") cannot silently drop data.
 
 Optional per-language fields (files without them read as before):
   positive_id, negative_id   passage ids (non-empty strings): passages with equal ids are the same
-             passage, in whatever language or row they occur. Parallel passages share one id (the
-             gold sentences of one question in all its languages); a negative that is some
-             question's gold passage carries that passage's id, so the loss can mask it as a false
-             negative (data/passage_ids.py; absent ids are filled in there).
+             passage (the same text, up to formatting), in whatever language or row they occur; a
+             negative that is some question's gold passage carries that passage's id, so the loss
+             can mask it as a false negative (data/passage_ids.py; a passage without an id is
+             identified by its text). A record's positives in its other languages need no shared
+             id: they are all relevant to each of its rows.
   negatives_by_query_language   {X: {"text": ..., "id"?: ...}}: the hard negative of a row whose
              positive is in this language and whose query is in language X (another language of
              the record). Rows without one (X = this language, or X not listed) use "negative".
@@ -65,7 +66,7 @@ class LanguageTexts:
   query: str
   positive: str
   negative: str | None = None
-  positive_id: str | None = None  # passage id of the positive (None: the question id)
+  positive_id: str | None = None  # passage id of the positive (None: from its text)
   negative_id: str | None = None  # passage id of the negative (None: derived from its text)
   # Query language X -> the negative of rows (query X, positive this language); others: negative.
   negatives_by_query_language: dict[str, Negative] = dataclasses.field(default_factory=dict)
@@ -222,7 +223,7 @@ class ParallelCorpus:
   negatives: np.ndarray  # [N, K] object: str or None (may be None where the id exists)
   source: str = "<memory>"  # for messages: file or directory the corpus came from
   # The optional record fields; None when no example has any (see the module docstring).
-  positive_ids: np.ndarray | None = None  # [N, K] object: passage id or None (the question id)
+  positive_ids: np.ndarray | None = None  # [N, K] object: passage id or None (its text)
   negative_ids: np.ndarray | None = None  # [N, K] object: passage id or None (from its text)
   # [N, K, K] object: [n, k, x] = the negative of rows (query in x, positive in k) or None.
   query_negatives: np.ndarray | None = None

@@ -1,4 +1,5 @@
-"""Passage ids (data/passage_ids.py): names, identical texts and translations make one passage; and
+"""Passage ids (data/passage_ids.py): names and identical texts make one passage, relevance spans a
+record's languages, a sentence two questions share in one language is masked there only; and
 the LAReQA case where a neighbouring-sentence negative is another question's gold sentence, through
 TrainingData batches into the loss, with and without train.mask_false_negatives, against NumPy."""
 
@@ -21,27 +22,60 @@ import train_helpers
 T = records.LanguageTexts
 
 
-def test_names_texts_and_translations_make_one_passage():
+def test_names_and_texts_make_one_passage_and_relevance_spans_languages():
   examples = [
-      # q1: two translations, named by the question id by default -> one passage.
+      # q1: two translations without names: two passages, both relevant to each row of q1.
       records.ParallelExample("q1", {"en": T("a?", "A.", "B."), "de": T("a?", "A-de.", "X.")}),
-      # q2's positive is named "q1" explicitly; its negative "A." has q1's English text.
-      records.ParallelExample("q2", {"en": T("b?", "B.", "A.", positive_id="q1")}),
-      # q3's negative is named "q4": q4's passage, though its text differs from q4's positive.
-      records.ParallelExample("q3", {"en": T("c?", "C.", "D'.", negative_id="q4")}),
-      records.ParallelExample("q4", {"en": T("d?", "D.", "X.")}),
+      # q2's positive is named "p1"; its negative "A." has q1's English text.
+      records.ParallelExample("q2", {"en": T("b?", "B.", "A.", positive_id="p1")}),
+      # q3's negative is named "p4": q4's positive, though its text differs.
+      records.ParallelExample("q3", {"en": T("c?", "C.", "D'.", negative_id="p4")}),
+      records.ParallelExample("q4", {"en": T("d?", "D.", "X.", positive_id="p4")}),
   ]
   corpus = records.ParallelCorpus.from_examples(examples)  # languages (de, en)
   ids = passage_ids.resolve(corpus)
-  # Numbered by first appearance, positives row by row first. Name q1 joins "A-de.", "A." and
-  # "B." (q2's positive), so q1's negative "B." and q2's negative "A." are passage 0 as well.
-  np.testing.assert_array_equal(ids.positive, [[0, 0], [-1, 0], [-1, 1], [-1, 2]])
-  # Negatives: q1 de "X." and q4 en "X." share a text (passage 3); q3's "D'." is named q4.
-  np.testing.assert_array_equal(ids.negative, [[3, 0], [-1, 0], [-1, 2], [-1, 3]])
-  assert ids.num_passages == 4
-  rows = ids.of_rows(np.array([2, 3]), np.array([1, 1]), np.array([1, 1]))
-  np.testing.assert_array_equal(rows["passage_id"], [1, 2])
-  np.testing.assert_array_equal(rows["negative_passage_id"], [2, 3])
+  # Numbered by first appearance, positives row by row first: "A-de." 0, "A." 1, "B." 2, ...
+  np.testing.assert_array_equal(ids.positive, [[0, 1], [-1, 2], [-1, 3], [-1, 4]])
+  # Negatives: q1 de "X." and q4 en "X." share a text (passage 5); q1's "B." is q2's positive,
+  # q2's "A." q1's English one; q3's "D'." is named p4.
+  np.testing.assert_array_equal(ids.negative, [[5, 2], [-1, 1], [-1, 4], [-1, 5]])
+  assert ids.num_passages == 6
+  rows = ids.of_rows(np.array([0, 2, 3]), np.array([0, 1, 1]), np.array([0, 1, 1]))
+  np.testing.assert_array_equal(rows["passage_id"], [0, 3, 4])
+  np.testing.assert_array_equal(rows["relevant_passage_ids"], [[0, 1], [-1, 3], [-1, 4]])
+  np.testing.assert_array_equal(rows["negative_passage_id"], [5, 4, 5])
+
+
+def test_a_gold_sentence_shared_in_one_language_is_masked_there_only():
+  """Two questions share their English gold sentence but not their German ones (XQuAD-R splits
+  sentences differently per language): in a batch holding q2's English and German positives, q1
+  must drop q2's English positive (its own gold sentence) and keep q2's German one (a true
+  negative under LAReQA's relevance, which is per question)."""
+  examples = [
+      records.ParallelExample("q1", {"en": T("a?", "S.", None, positive_id="en_1"),
+                                     "de": T("a-de?", "S1-de.", None, positive_id="de_1")}),
+      records.ParallelExample("q2", {"en": T("b?", "S.", None, positive_id="en_1"),
+                                     "de": T("b-de?", "S2-de.", None, positive_id="de_2")}),
+  ]
+  corpus = records.ParallelCorpus.from_examples(examples)  # (de, en)
+  ids = passage_ids.resolve(corpus)
+  rows = ids.of_rows(np.array([0, 1, 1]), np.array([1, 1, 0]))  # q1 en, q2 en, q2 de
+  cfg = losses.LossConfig(mask_false_negatives=True, mask_same_id=False, temperature=0.1)
+  batch = {k: jnp.asarray(v) for k, v in rows.items()}
+  drop = np.asarray(losses._is_relevant(batch["relevant_passage_ids"], batch["passage_id"]))
+  np.testing.assert_array_equal(drop, [[True, True, False],   # q1: q2's English is its own
+                                       [True, True, True],    # q2: all three are its own
+                                       [True, True, True]])
+  # Through the loss: q1's row with q2 de as its only negative, against the formula.
+  q = np.eye(3, 4, dtype=np.float32)
+  p = np.asarray([[1, 0, 0, 0], [1, 0, 0, 0], [0, 0.6, 0.8, 0]], np.float32)
+  loss, _ = losses.embedding_loss(
+      jnp.asarray(q), jnp.asarray(p), None, None, jnp.zeros(3, jnp.int32), jnp.float32(2.0),
+      cfg, passage_id=batch["passage_id"], relevant_passage_ids=batch["relevant_passage_ids"])
+  first = np.log(np.exp(2.0) + np.exp(0.0)) - 2.0  # q1: own positive 1.0, q2 de 0.0
+  second = 0.0  # q2 en: its other candidates are both its own (dropped)
+  third = 0.0
+  assert float(loss) == pytest.approx((first + second + third) / 3, rel=1e-5)
 
 
 def test_negatives_by_query_language_have_their_own_slots():
@@ -95,10 +129,13 @@ def test_lareqa_false_negatives_are_masked_in_the_loss(tmp_path):
   neg_texts = [corpus.negative_table()[0][n, c] for n, c in zip(plan.example, columns)]
   # Row of q1 / q2: the other's negative (and q3's, for q2) is its own positive.
   row = {corpus.ids[n]: i for i, n in enumerate(plan.example)}
-  false_negative = np.equal.outer(batch["passage_id"], batch["negative_passage_id"])
+  false_negative = np.asarray(losses._is_relevant(jnp.asarray(batch["relevant_passage_ids"]),
+                                                   jnp.asarray(batch["negative_passage_id"])))
   assert false_negative.sum() == 3
   assert sorted(np.flatnonzero(false_negative.any(axis=1))) == sorted([row["q1"], row["q2"]])
-  assert not np.equal.outer(batch["passage_id"], batch["passage_id"])[~np.eye(3, dtype=bool)].any()
+  shared = np.asarray(losses._is_relevant(jnp.asarray(batch["relevant_passage_ids"]),
+                                          jnp.asarray(batch["passage_id"])))
+  assert not shared[~np.eye(3, dtype=bool)].any()
 
   rng = np.random.default_rng(0)
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)

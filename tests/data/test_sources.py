@@ -101,10 +101,14 @@ def test_passage_with_context_and_hard_negatives(tmp_path):
   directory = train_helpers.write_lareqa_neighbour_case(str(tmp_path))
   plain = {e.id: e.languages["en"] for e in lareqa.training_examples(directory)}
   # Hard negative: the other sentence of the paragraph; a one-sentence paragraph wraps around.
-  # Each is another question's gold sentence, so it carries that question's passage id.
-  assert plain["q1"] == records.LanguageTexts("Dogs?", "Dogs bark.", "Cats purr.", "q1", "q2")
-  assert plain["q2"] == records.LanguageTexts("Cats?", "Cats purr.", "Dogs bark.", "q2", "q1")
-  assert plain["q3"] == records.LanguageTexts("Birds?", "Birds sing.", "Cats purr.", "q3", "q2")
+  # Every sentence is named by its candidate uid, so a negative that is another question's gold
+  # sentence carries that gold cell's passage id.
+  assert plain["q1"] == records.LanguageTexts("Dogs?", "Dogs bark.", "Cats purr.", "en_1_1",
+                                              "en_1_0")
+  assert plain["q2"] == records.LanguageTexts("Cats?", "Cats purr.", "Dogs bark.", "en_1_0",
+                                              "en_1_1")
+  assert plain["q3"] == records.LanguageTexts("Birds?", "Birds sing.", "Cats purr.", "en_2_0",
+                                              "en_1_0")
   context = {e.id: e.languages["en"]
              for e in lareqa.training_examples(directory, with_context=True)}
   assert context["q1"].positive == "Dogs bark. Cats purr. Dogs bark."
