@@ -1,13 +1,13 @@
 r"""Runs the whole study of issue 10, resumably, and rebuilds its tables and plots.
 
     python experiments/study.py                      # run what is missing, then rebuild the report
-    python experiments/study.py --only=A-hybrid      # one run (prefix match), then the report
+    python experiments/study.py --only=A-hybrid      # one run (exact name, else a prefix: A-)
     python experiments/study.py --report_only        # tables and plots from committed results
     python experiments/study.py --list               # every job, done or not, with its command
 
 Each run trains multilingual-e5-small with experiments/study_config.py (one argument set per
 run, listed in RUNS) in <workroot>/<run>, then scores its best checkpoint (validation loss on the
-same fixed hybrid batches for every run) on the in-domain held-out test part and on the full grid
+same fixed hybrid batches for every run of the same seed) on the in-domain held-out test part and on the full grid
 of the other dataset. A job whose output exists is skipped; an interrupted training resumes from
 its last checkpoint (every 50 steps), since `hybrid_jax.train` restores the latest one itself.
 Checkpoints and embeddings stay in the workroot; the small result files (results.json,
@@ -38,8 +38,8 @@ RESULTS_DIR = os.path.join(HERE, "results")
 DEFAULT_WORKROOT = os.environ.get("HYBRID_JAX_STUDY_ROOT",
                                   os.path.join(os.path.dirname(REPO), "study_runs"))
 # Files of an evaluation output directory that are small enough to commit (no embeddings/).
-RESULT_FILES = ("results.json", "results.md", "settings.csv", "per_query.npz", "grid_map.png",
-                "rank_distance.png")
+RESULT_FILES = ("results.json", "results_meta.json", "results.md", "settings.csv",
+                "per_query.npz", "grid_map.png", "rank_distance.png")
 LOW_RESOURCE = {"xquad-r": ("el", "hi", "th", "tr", "vi"), "mlqa-r": ("hi", "vi")}
 # Planning figures for the ETA before any run has measured its own (this 2-core CPU, e5-small).
 SECONDS_PER_STEP = 4.6
@@ -133,8 +133,9 @@ class Study:
     return os.path.isfile(os.path.join(self.result_dir(run, evaluation), "results.json"))
 
   def done(self, run: Run) -> bool:
-    return self.training_done(run) and all(self.evaluation_done(run, e)
-                                           for e in run.evaluations())
+    """Every evaluation of the run is in results/ (its checkpoints are not needed any more: a
+    fresh machine or another --workroot must not retrain a finished run)."""
+    return all(self.evaluation_done(run, e) for e in run.evaluations())
 
   # --- commands ---
   def train_command(self, run: Run) -> list[str]:
@@ -186,13 +187,15 @@ class Study:
     per_step = self.seconds_per_step()
     total = 0.0
     for run in runs:
+      if self.done(run):
+        continue
       if not run.zero_shot:
         left = max(0, study_config.NUM_STEPS - self.trained_steps(run))
         validations = left / 50 + (1 if left else 0)
         total += left * per_step + validations * 16 * per_step / 3 + (60 if left else 0)
       for evaluation in run.evaluations():
         if not self.evaluation_done(run, evaluation):
-          total += EVAL_TEXTS[evaluation.name.replace("-all", "")] / TEXTS_PER_SECOND + 30
+          total += EVAL_TEXTS[evaluation.name] / TEXTS_PER_SECOND + 30
     return total
 
   # --- running ---
@@ -226,6 +229,12 @@ class Study:
     if returncode != 0:
       raise SystemExit(f"[study] {run.name}: {kind} failed with exit status {returncode}; see "
                        f"{log_path}. Fix it and run the same command again (it resumes).")
+    if kind == "train" and not self.training_done(run):
+      # The trainer exits 0 after a SIGTERM checkpoint: scoring that model would commit the
+      # results of a half-trained run as final.
+      raise SystemExit(f"[study] {run.name}: training stopped at step {self.trained_steps(run)} "
+                       f"of {study_config.NUM_STEPS} (preempted?); run the same command again "
+                       "to resume.")
     if evaluation is not None:
       self.collect(run, evaluation)
     print(f"[study] {run.name}: {kind} done in {time.time() - started:.0f}s", flush=True)
@@ -259,7 +268,10 @@ def unseen_languages(evaluated: str, trained: str) -> tuple[str, ...]:
 def select(only: str) -> list[Run]:
   if not only:
     return RUNS
-  chosen = [r for r in RUNS if any(r.name.startswith(p) for p in only.split(","))]
+  names = {r.name for r in RUNS}
+  # An exact name selects that run only (A-hybrid is also the prefix of its alpha and seed runs).
+  chosen = [r for r in RUNS if any(r.name == p if p in names else r.name.startswith(p)
+                                   for p in only.split(","))]
   if not chosen:
     raise SystemExit(f"--only={only!r} matches no run; runs: {[r.name for r in RUNS]}")
   return chosen

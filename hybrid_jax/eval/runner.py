@@ -328,7 +328,9 @@ def _workdir_embedder(opts: RunOptions, dtype):
                                                 max_length=opts.query_max_length, dtype=dtype)
   key = {"workdir": os.path.abspath(opts.workdir), "step": str(loaded.step),
          "params_sha1": _params_digest(loaded.params)}
-  return embedder, key, f"workdir {opts.workdir} step {opts.step}"
+  # The step actually loaded ("best" names a checkpoint, not a step), so results say which.
+  asked = "" if str(opts.step) == str(loaded.step) else f" ({opts.step})"
+  return embedder, key, f"workdir {opts.workdir} step {loaded.step}{asked}"
 
 
 def run(opts: RunOptions, argv: Sequence[str] = ()) -> dict:
