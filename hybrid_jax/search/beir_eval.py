@@ -102,10 +102,13 @@ class BeirEvaluator(corpus_eval.CorpusEvaluator):
     # a monolingual directory also fills its one language's X->X column.
     num_langs = len(col.languages)
     columns = [num_langs] if col.cross_lingual else [0, num_langs]
+    # A query whose qrels judge nothing relevant (all grades 0) scores 0 on every metric, as in
+    # trec_eval / pytrec_eval and BEIR's means (leaving it out would raise the averages).
+    unjudged = metrics["num_relevant"] == 0
     values = {}
     for name in metrics_lib.METRICS:
       values[name] = np.full((col.num_queries, num_langs + 1), np.nan, np.float32)
-      values[name][:, columns] = metrics[name][:, None]
+      values[name][:, columns] = np.where(unjudged, 0.0, metrics[name])[:, None]
     num_relevant = np.zeros((col.num_queries, num_langs + 1), np.int32)
     best_rank = np.zeros_like(num_relevant)
     num_relevant[:, columns] = metrics["num_relevant"][:, None]
@@ -117,6 +120,7 @@ class BeirEvaluator(corpus_eval.CorpusEvaluator):
                                  pool_only=col.cross_lingual)
     results["corpus"] = {"num_documents": corpus.shape[0], "split": self.split,
                          "search_depth": int(result.indices.shape[1]),
+                         "queries_without_relevant": int(unjudged.sum()),
                          "map": "full ranking (trec_eval on run.trec truncates at its depth)"}
     self.last_run = (col.query_uids, corpus.ids, result.indices, result.scores)
     return per_query, results

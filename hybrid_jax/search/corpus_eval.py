@@ -170,6 +170,11 @@ class CorpusEvaluator:
     self.corpus_store = corpus_store
     self.store_shard_size = int(store_shard_size)
     self.store_dtype = store_dtype
+    if int(trec_depth) < 0 or int(search_chunk_size) < 1 or int(search_query_chunk_size) < 1:
+      raise grid_evaluator.EvaluatorConfigError(
+          f"trec_depth must be >= 0 (0: the default) and the search chunk sizes >= 1, found "
+          f"trec_depth={trec_depth}, search_chunk_size={search_chunk_size}, "
+          f"search_query_chunk_size={search_query_chunk_size}")
     self.trec_depth = int(trec_depth) or self.default_trec_depth
     self.search_dtype = search_dtype
     self.search_chunk_size = int(search_chunk_size)
@@ -252,8 +257,11 @@ class CorpusEvaluator:
     col = self.collection
     query_uids, query_emb = embeddings_io.load(directory, "queries")
     query_emb = embeddings_io.align(query_uids, query_emb, col.query_uids, "query", directory)
-    if store_lib.read_manifest(os.path.join(directory, STORE_DIR)) is not None:
+    manifest = store_lib.read_manifest(os.path.join(directory, STORE_DIR))
+    if manifest is not None:
       corpus = store_lib.open_store(os.path.join(directory, STORE_DIR))
+      if self.normalize and not manifest.get("normalized"):
+        corpus = _NormalizedRows(corpus)
     else:
       npy_path, uid_path = embeddings_io.paths(directory, "candidates")
       if not (os.path.isfile(npy_path) and os.path.isfile(uid_path)):
@@ -265,6 +273,8 @@ class CorpusEvaluator:
       with open(uid_path, encoding="utf-8") as f:
         ids = [line for line in f.read().split("\n") if line]
       corpus = _RowsWithIds(corpus, ids, uid_path)
+      if self.normalize:
+        corpus = _NormalizedRows(corpus)
     return self._checked(query_emb, corpus, directory)
 
   def _checked(self, query_emb, corpus, where: str):
@@ -359,6 +369,22 @@ class CorpusEvaluator:
     if output_dir:
       self.write_reports(output_dir, per_query, results, header_lines, meta)
     return results
+
+
+class _NormalizedRows:
+  """L2-normalised rows of a corpus view (store or _RowsWithIds), normalised as they are read:
+  cosine scoring of precomputed embeddings without a normalised copy of the corpus."""
+
+  def __init__(self, rows):
+    self.rows, self.ids = rows, rows.ids
+    self.shape, self.ndim, self.dtype = rows.shape, 2, np.dtype(np.float32)
+
+  def __getitem__(self, index):
+    block = np.asarray(self.rows[index], np.float32)
+    return block / np.maximum(np.linalg.norm(block, axis=-1, keepdims=True), 1e-12)
+
+  def __array__(self, dtype=None, copy=None):
+    return np.asarray(self[:], dtype)
 
 
 class _RowsWithIds:

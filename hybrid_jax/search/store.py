@@ -291,6 +291,9 @@ def write_store(directory: str, docs: Iterable[tuple[str, str]],
   if old is not None and all(old.get(k) == v for k, v in settings.items()):
     kept = [Shard(**entry) for entry in old.get("shards", [])]
   elif old is not None:
+    # The manifest first: an interruption between the two must not leave a manifest (maybe
+    # "complete") that lists deleted shards.
+    _save_manifest(directory, {**settings, "dim": None, "shards": [], "complete": False})
     _remove_shard_files(directory, [entry["name"] for entry in old.get("shards", [])])
   manifest = {**settings, "dim": old.get("dim") if kept else None, "shards": [],
               "complete": False}
@@ -308,6 +311,7 @@ def write_store(directory: str, docs: Iterable[tuple[str, str]],
       progress.update(shard.rows, reused=True)
       continue
     if i < len(kept):  # the corpus changed from here on: later shards are stale too
+      _save_manifest(directory, {**manifest, "shards": [s.to_json() for s in shards]})
       _remove_shard_files(directory, [s.name for s in kept[i:]])
       kept = kept[:i]
     embeddings = np.asarray(embed_fn(texts), np.float32)
@@ -331,10 +335,10 @@ def write_store(directory: str, docs: Iterable[tuple[str, str]],
     progress.update(shard.rows, reused=False)
   if not shards:
     raise StoreError(f"no documents to embed into {directory}: the corpus is empty")
-  _remove_shard_files(directory, [s.name for s in kept[len(shards):]])  # the corpus shrank
   manifest.update(shards=[s.to_json() for s in shards], complete=True,
                   num_docs=sum(s.rows for s in shards))
   _save_manifest(directory, manifest)
+  _remove_shard_files(directory, [s.name for s in kept[len(shards):]])  # the corpus shrank
   return open_store(directory)
 
 

@@ -259,6 +259,11 @@ def _check_shapes(queries, corpus, k: int) -> tuple[int, int, int]:
         f"queries and corpus must have the same embedding dimension, found {queries.shape[1]} "
         f"(queries) and {corpus.shape[1]} (corpus); embed both with the same model")
   num_docs = corpus.shape[0]
+  if queries.shape[0] == 0:
+    raise SearchInputError("no queries to search (queries has 0 rows)")
+  if num_docs >= 2**31 - 1:
+    raise SearchInputError(f"corpus of {num_docs} rows: indices are int32, so at most 2^31 - 2 "
+                           "rows per search; split the corpus and merge the top-k lists")
   if not isinstance(k, (int, np.integer)) or k < 1 or k > num_docs:
     raise SearchInputError(
         f"k must be an integer in [1, {num_docs}] (the corpus size), found {k!r}")

@@ -3,6 +3,7 @@ resume of an interrupted corpus embedding, multilingual pools, compare, clear er
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -16,6 +17,8 @@ from hybrid_jax.eval import report
 from hybrid_jax.eval import runner
 from hybrid_jax.eval import significance
 from hybrid_jax.search import beir_eval
+from hybrid_jax.search import corpus_eval
+from hybrid_jax.search import store as store_lib
 from hybrid_jax.search import trec
 
 # trec_eval measure -> our metric name.
@@ -52,7 +55,8 @@ def _fixture(tmp_path, seed=0, doc_langs=None, query_langs=None):
   qrels = []
   for i, q in enumerate(query_ids):
     for d in rng.choice(NUM_DOCS, size=1 + i % 4, replace=False):
-      qrels.append((q, doc_ids[d], int(rng.integers(1, 3))))
+      # The last query's documents are all judged non-relevant: trec_eval scores it 0.
+      qrels.append((q, doc_ids[d], int(rng.integers(1, 3)) if i < NUM_QUERIES - 1 else 0))
   qrels.append(("q0", doc_ids[5], 0))  # judged non-relevant: not relevant
   qrels.append(("q_unused", doc_ids[3], 1))  # a qrels query missing from queries.jsonl
   beir_dir = write_beir(str(tmp_path / "beir"), doc_ids, query_ids, qrels, doc_langs, query_langs)
@@ -111,8 +115,31 @@ def test_metrics_equal_pytrec_eval_over_the_full_corpus(tmp_path):
                              per_query["metrics"]["ndcg@10"][:, 0], atol=1e-6)
   assert results["summary"]["monolingual"]["num_queries"] == NUM_QUERIES
   assert results["summary"]["cross_lingual"] is None and results["summary"]["multilingual"] is None
+  assert results["corpus"]["queries_without_relevant"] == 1
   for name in ("results.json", "results.md", "settings.csv", "grid_map.png", "run.trec"):
     assert (out / name).is_file()
+
+
+@pytest.mark.parametrize("as_store", [False, True])
+def test_normalize_scores_precomputed_corpus_embeddings_by_cosine(tmp_path, as_store):
+  beir_dir, emb_dir, doc_ids, query_ids, qrels, queries, docs = _fixture(tmp_path)
+  lengths = np.random.default_rng(1).uniform(0.2, 5.0, size=(len(docs), 1)).astype(np.float32)
+  if as_store:  # an unnormalised store in <embeddings>/corpus instead of candidates.npy
+    os.remove(os.path.join(emb_dir, "candidates.npy"))
+    rows = iter(np.asarray(docs * lengths))
+    store_lib.write_store(os.path.join(emb_dir, corpus_eval.STORE_DIR),
+                          [(d, d) for d in doc_ids],
+                          lambda texts: np.stack([next(rows) for _ in texts]), key={"k": 1},
+                          shard_size=100, normalize=False)
+  else:
+    embeddings_io.save(emb_dir, "candidates", doc_ids, docs * lengths)
+  out = tmp_path / "out"
+  options = _options(beir_dir, emb_dir, out)
+  results = runner.run(dataclasses.replace(options, normalize=True))
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  want = _pytrec_full_ranking(doc_ids, query_ids, qrels, unit(queries), unit(docs))
+  ref = np.mean([want[q]["ndcg_cut_10"] for q in query_ids])
+  assert results["settings"][0]["ndcg@10"] == pytest.approx(ref, abs=1e-6)
 
 
 def test_compare_works_on_corpus_results(tmp_path):
