@@ -146,3 +146,53 @@ def test_errors():
     exact_topk(queries[0], corpus, 3)
   with pytest.raises(SearchInputError, match="float32 or bfloat16"):
     exact_topk(queries, corpus, 3, dtype=jnp.float16)
+
+
+# --- the pruned scan and the bfloat16 prefilter ------------------------------------------------
+def _twin_embeddings(seed: int, num_queries: int, num_docs: int, dim: int = 32):
+  """Documents in pairs whose scores differ by ~1e-3 relative: float32 orders every pair
+  (differences far above its rounding), bfloat16 (relative precision 2^-9) often cannot."""
+  rng = np.random.default_rng(seed)
+  queries = rng.standard_normal((num_queries, dim)).astype(np.float32)
+  base = rng.standard_normal((num_docs // 2, dim))
+  twins = base * (1 + 1e-3 * rng.choice([-1.0, 1.0], size=(num_docs // 2, 1)))
+  corpus = np.concatenate([base, twins]).astype(np.float32)[rng.permutation(num_docs)]
+  return queries, corpus
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_bfloat16_prefilter_returns_the_exact_float32_top_k(sharded):
+  queries, corpus = _twin_embeddings(0, 40, 3000)
+  want_scores, want_idx = _reference_topk(queries, corpus, 30)
+  # The test is only meaningful if bfloat16 scores alone would order documents differently.
+  rounded = [x.astype(jnp.bfloat16).astype(np.float64) for x in (queries, corpus)]
+  bfloat16_idx = _reference_order(rounded[0] @ rounded[1].T)[:, :30]
+  assert (bfloat16_idx != want_idx).any(axis=1).mean() > 0.5
+  mesh = _all_devices_mesh() if sharded else None
+  result = search_with_ranks(queries, corpus, 30, chunk_size=512, query_chunk_size=16,
+                             mesh=mesh, prefilter=True)
+  np.testing.assert_array_equal(result.indices, want_idx)
+  np.testing.assert_allclose(result.scores, want_scores, rtol=1e-6, atol=1e-5)
+  assert result.fallback_queries == 0  # certified: the bound is tight enough for random data
+
+
+@pytest.mark.parametrize("prefilter", [False, True])
+def test_pruned_scan_falls_back_where_it_cannot_certify(prefilter):
+  # Integer embeddings: scores tie in large blocks, so the evicted scores equal the k-th and the
+  # certificate (strictly below the k-th) fails for most queries; the full selection answers.
+  queries, corpus = _tied_embeddings(8, 30, 2000)
+  want_scores, want_idx = _reference_topk(queries, corpus, 20)
+  result = search_with_ranks(queries, corpus, 20, chunk_size=256, prefilter=prefilter)
+  np.testing.assert_array_equal(result.indices, want_idx)
+  np.testing.assert_array_equal(result.scores, want_scores)
+  assert result.fallback_queries > 0
+
+
+def test_bfloat16_prefilter_with_a_corpus_mask():
+  queries, corpus = _twin_embeddings(1, 20, 1000)
+  mask = np.random.default_rng(1).random(1000) < 0.6
+  want_scores, want_idx = _reference_topk(queries, corpus, 15, mask)
+  scores, idx = exact_topk(queries, corpus, 15, chunk_size=200, corpus_mask=mask,
+                           prefilter=True)
+  np.testing.assert_array_equal(idx, want_idx)
+  assert mask[idx].all()
