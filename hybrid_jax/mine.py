@@ -2,8 +2,8 @@ r"""absl entry point of hard-negative mining: flags -> data/mining.run. Thin.
 
     python -m hybrid_jax.mine --model=$(python -c "from hybrid_jax.models import e5_convert; \
         print(e5_convert.default_dir())") --query_prefix="query: " --passage_prefix="passage: " \
-        --data=mlqa-r --out=/tmp/mlqa_r_mined.jsonl --negative_language=query:0.5,positive:0.5 \
-        --skip_top=2 --margin=0.02
+        --data=mlqa-r --heldout_fraction=0.2 --out=/tmp/mlqa_r_mined.jsonl \
+        --negative_language=query:0.5,positive:0.5 --skip_top=2 --margin=0.02
     python -m hybrid_jax.train --config=configs/me5_hybrid.py --workdir=/tmp/run \
         --config.data.source=jsonl --config.data.path=/tmp/mlqa_r_mined.jsonl \
         --config.data.hard_negatives=True
@@ -33,7 +33,8 @@ _CONTEXT = flags.DEFINE_bool("passage_with_context", False,
                              "with data.passage_with_context).")
 _HELDOUT_FRACTION = flags.DEFINE_float(
     "heldout_fraction", -1.0, "LAReQA: mine the train part of this held-out split (-1: the "
-    "--workdir run's data.heldout_fraction when it trained on --data, else 0).")
+    "--workdir run's data.heldout_fraction when it trained on --data; required otherwise, 0 = "
+    "every question).")
 _HELDOUT_UNIT = flags.DEFINE_enum("heldout_unit", "", ["", "article", "paragraph"],
                                   "Held-out grouping ('': the run's, else article).")
 _HELDOUT_SEED = flags.DEFINE_integer("heldout_seed", -1, "Held-out seed (-1: the run's, else 0).")

@@ -513,6 +513,14 @@ def _heldout(opts: MineOptions, path: str) -> lareqa.HeldoutSplit:
   same_data = run.get("source") == "lareqa" and os.path.basename(os.path.normpath(
       str(run.get("path", "")))) == os.path.basename(os.path.normpath(path))
   run = run if same_data else {}
+  if opts.heldout_fraction < 0 and not run:
+    # Mining every question silently would put the test articles' questions and sentences into
+    # training data that records no split, so a later --part=test evaluation would score them.
+    raise MiningError(
+        f"--data={opts.data!r} is a LAReQA directory and no held-out split is known: pass "
+        "--heldout_fraction=F (the fraction you will evaluate on with --part=test, e.g. 0.2 as "
+        "in experiments/study_config.py; 0 mines every question, test ones included), or "
+        "--workdir of a run trained on this directory to use its split")
   return lareqa.HeldoutSplit(
       opts.heldout_fraction if opts.heldout_fraction >= 0 else float(
           run.get("heldout_fraction", 0.0)),

@@ -236,6 +236,10 @@ def test_bad_options_and_inputs_are_clear_errors(inputs, tmp_path):
   with pytest.raises(mining.MiningError, match="pass --query_prefix and --passage_prefix"):
     mining.run(options)
   options.query_prefix = ""
+  with pytest.raises(mining.MiningError, match=r"LAReQA directory and no held-out split is known: "
+                     r"pass --heldout_fraction"):
+    mining.run(options)
+  options.heldout_fraction = 0.0
   with pytest.raises(mining.MiningError, match=r"--model=.*no_model' is not a directory"):
     mining.run(options)
   assert not (tmp_path / "o.jsonl").exists()
