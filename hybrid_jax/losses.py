@@ -195,7 +195,8 @@ def _either(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
   return a | b
 
 
-def _is_relevant(relevant_passage_ids: jax.Array, candidate_passage_id: jax.Array) -> jax.Array:
+def relevant_candidates(relevant_passage_ids: jax.Array,
+                        candidate_passage_id: jax.Array) -> jax.Array:
   """[B, C]: candidate j's passage is one of row i's positives ([B, K] ids, -1 padding)."""
   hit = relevant_passage_ids[:, :, None] == candidate_passage_id[None, None, :]  # [B, K, C]
   return jnp.any(hit & (relevant_passage_ids[:, :, None] >= 0), axis=1)
@@ -235,7 +236,7 @@ def embedding_loss(query_emb: jax.Array, passage_emb: jax.Array, negative_emb: j
       raise LossConfigError("mask_false_negatives=True but no passage ids were given")
     # [B, B]: positive j is one of row i's positives (not symmetric).
     shared_positive = _either(shared_positive,
-                              _is_relevant(relevant_passage_ids, passage_id))
+                              relevant_candidates(relevant_passage_ids, passage_id))
 
   # Query -> passage: candidates are [positives (B) | hard negatives (B)]; the label is column i.
   candidates, candidate_mask = [], []
@@ -254,7 +255,7 @@ def embedding_loss(query_emb: jax.Array, passage_emb: jax.Array, negative_emb: j
     candidates.append(scale * query_emb @ negative_emb.astype(jnp.float32).T)  # [B, B]
     if config.mask_false_negatives:
       # Hard negative j (j = i included) that is row i's positive passage: a false negative.
-      candidate_mask.append(_is_relevant(relevant_passage_ids, negative_passage_id))
+      candidate_mask.append(relevant_candidates(relevant_passage_ids, negative_passage_id))
     else:
       candidate_mask.append(jnp.zeros((b, b), bool))  # assumed never a positive
   logits = jnp.concatenate(candidates, axis=1)  # [B, B or 2B]

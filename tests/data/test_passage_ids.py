@@ -62,7 +62,8 @@ def test_a_gold_sentence_shared_in_one_language_is_masked_there_only():
   rows = ids.of_rows(np.array([0, 1, 1]), np.array([1, 1, 0]))  # q1 en, q2 en, q2 de
   cfg = losses.LossConfig(mask_false_negatives=True, mask_same_id=False, temperature=0.1)
   batch = {k: jnp.asarray(v) for k, v in rows.items()}
-  drop = np.asarray(losses._is_relevant(batch["relevant_passage_ids"], batch["passage_id"]))
+  drop = np.asarray(losses.relevant_candidates(batch["relevant_passage_ids"],
+                                               batch["passage_id"]))
   np.testing.assert_array_equal(drop, [[True, True, False],   # q1: q2's English is its own
                                        [True, True, True],    # q2: all three are its own
                                        [True, True, True]])
@@ -129,12 +130,12 @@ def test_lareqa_false_negatives_are_masked_in_the_loss(tmp_path):
   neg_texts = [corpus.negative_table()[0][n, c] for n, c in zip(plan.example, columns)]
   # Row of q1 / q2: the other's negative (and q3's, for q2) is its own positive.
   row = {corpus.ids[n]: i for i, n in enumerate(plan.example)}
-  false_negative = np.asarray(losses._is_relevant(jnp.asarray(batch["relevant_passage_ids"]),
-                                                   jnp.asarray(batch["negative_passage_id"])))
+  false_negative = np.asarray(losses.relevant_candidates(
+      jnp.asarray(batch["relevant_passage_ids"]), jnp.asarray(batch["negative_passage_id"])))
   assert false_negative.sum() == 3
   assert sorted(np.flatnonzero(false_negative.any(axis=1))) == sorted([row["q1"], row["q2"]])
-  shared = np.asarray(losses._is_relevant(jnp.asarray(batch["relevant_passage_ids"]),
-                                          jnp.asarray(batch["passage_id"])))
+  shared = np.asarray(losses.relevant_candidates(jnp.asarray(batch["relevant_passage_ids"]),
+                                                 jnp.asarray(batch["passage_id"])))
   assert not shared[~np.eye(3, dtype=bool)].any()
 
   rng = np.random.default_rng(0)
