@@ -93,7 +93,8 @@ def infonce(params, embeddings, batch):
                                batch["question_id"], batch["batch_type"],
                                losses.scale_of(params, LOSS), LOSS,
                                passage_id=batch["passage_id"],
-                               negative_passage_id=batch["negative_passage_id"])[0]
+                               negative_passage_id=batch["negative_passage_id"],
+                               relevant_passage_ids=batch["relevant_passage_ids"])[0]
 
 
 def gradcache_keys(step_key):
