@@ -245,27 +245,12 @@ def _scan(queries_np, *, corpus, k: int, targets, mask, chunk_size: int, query_c
                                    replicated) for s in query_starts]
   state = [_initial_state(query_chunk, k, num_targets, replicated) for _ in query_starts]
 
-  progress = metrics_lib.Progress(num_docs, progress_desc or "", interval=10.0,
-                                 enabled=bool(progress_desc), unit="documents")
-  in_flight = None  # the previous chunk's states: waited on before the next chunk is placed
-  for start in range(0, num_docs, chunk):
-    if in_flight is not None:
-      # Asynchronous dispatch would otherwise let the host place chunk after chunk on the device
-      # while earlier ones are still being scored: memory would grow with the corpus.
-      jax.block_until_ready(in_flight)
-    rows = min(chunk, num_docs - start)
-    valid = np.zeros(chunk, bool)
-    valid[:rows] = True if mask is None else mask[start:start + rows]
-    chunk_emb = jax.device_put(_padded_rows(corpus, start, chunk, dtype), rows_sharded)
-    chunk_valid = jax.device_put(valid, rows_sharded)
-    offset = jnp.int32(start)
-    step = steps[mask is not None or rows < chunk]
+  for start, chunk_emb, chunk_valid, masked in _placed_chunks(
+      corpus, mask, chunk, rows_sharded, dtype, progress_desc, lambda: state[0]):
+    step = steps[masked]
     for i, queries_block in enumerate(query_blocks):
-      state[i] = step(state[i], queries_block, target_blocks[i], chunk_emb, chunk_valid, offset)
-    # Steps run in dispatch order: once this chunk's first step is done, so is every step of
-    # the previous chunk, whose buffers can then go.
-    in_flight = state[0]
-    progress.update(rows)
+      state[i] = step(state[i], queries_block, target_blocks[i], chunk_emb, chunk_valid,
+                      jnp.int32(start))
 
   scores = np.concatenate([np.asarray(s["scores"]) for s in state])[:num_queries]
   indices = np.concatenate([np.asarray(s["indices"]) for s in state])[:num_queries]
@@ -273,6 +258,27 @@ def _scan(queries_np, *, corpus, k: int, targets, mask, chunk_size: int, query_c
   if targets is not None:
     counts = np.concatenate([np.asarray(s["counts"]) for s in state])[:num_queries]
   return scores, indices, counts
+
+
+def _placed_chunks(corpus, mask, chunk: int, sharding, dtype, progress_desc, in_flight):
+  """Yields (start, chunk rows on the devices, their validity, whether any row is invalid) for
+  each corpus chunk. Before placing a chunk after the first it waits on `in_flight()` (the
+  previous chunk's first state): asynchronous dispatch would otherwise let the host place chunk
+  after chunk while earlier ones are still being scored, and memory would grow with the corpus.
+  Steps run in dispatch order, so once that state is ready every step of the chunk before it is
+  done and its buffers can go."""
+  num_docs = corpus.shape[0]
+  progress = metrics_lib.Progress(num_docs, progress_desc or "", interval=10.0,
+                                 enabled=bool(progress_desc), unit="documents")
+  for start in range(0, num_docs, chunk):
+    if start:
+      jax.block_until_ready(in_flight())
+    rows = min(chunk, num_docs - start)
+    valid = np.zeros(chunk, bool)
+    valid[:rows] = True if mask is None else mask[start:start + rows]
+    yield (start, jax.device_put(_padded_rows(corpus, start, chunk, dtype), sharding),
+           jax.device_put(valid, sharding), mask is not None or rows < chunk)
+    progress.update(rows)
 
 
 # --- the pruned scan ---------------------------------------------------------------------------
@@ -321,25 +327,14 @@ def _pruned_scan(queries_np, *, corpus, k: int, mask, chunk_size: int, query_chu
       "indices": jnp.full((query_chunk, keep), jnp.iinfo(jnp.int32).max, jnp.int32),
       "bound": jnp.full((query_chunk,), -jnp.inf, jnp.float32),
       "norms": jnp.zeros((3,), jnp.float32)}, replicated) for _ in query_starts]
-  progress = metrics_lib.Progress(num_docs, progress_desc or "", interval=10.0,
-                                 enabled=bool(progress_desc), unit="documents")
-  in_flight = None
-  for start in range(0, num_docs, chunk):
-    if in_flight is not None:  # memory bounded by two chunks (see _scan)
-      jax.block_until_ready(in_flight)
-    rows = min(chunk, num_docs - start)
-    valid = np.zeros(chunk, bool)
-    valid[:rows] = True if mask is None else mask[start:start + rows]
-    chunk_emb = jax.device_put(_padded_rows(corpus, start, chunk, dtype), rows_sharded)
-    chunk_valid = jax.device_put(valid, rows_sharded)
+  for start, chunk_emb, chunk_valid, masked in _placed_chunks(
+      corpus, mask, chunk, rows_sharded, dtype, progress_desc, lambda: state[0]):
     norms = None
     if prefilter:  # once per chunk, not per query block
       chunk_emb, norms = _bfloat16_parts(mesh)(chunk_emb)
-    step = steps[mask is not None or rows < chunk]
     for i, queries_block in enumerate(query_blocks):
-      state[i] = step(state[i], queries_block, chunk_emb, norms, chunk_valid, jnp.int32(start))
-    in_flight = state[0]
-    progress.update(rows)
+      state[i] = steps[masked](state[i], queries_block, chunk_emb, norms, chunk_valid,
+                               jnp.int32(start))
 
   gather = lambda name: np.concatenate([np.asarray(s[name]) for s in state])[:num_queries]
   scores, indices, bound = gather("scores"), gather("indices"), gather("bound")
