@@ -177,7 +177,7 @@ case "${cmd}" in
       extra=(--config.train.shared_filesystem=True)
     fi
     submit train "${NODES}" "${GPUS_PER_NODE}" "${PYTHON}" -m hybrid_jax.train --distributed \
-      --config="${config}" --workdir="${workdir}" "${extra[@]}" "$@"
+      --config="${config}" --workdir="${workdir}" ${extra[@]+"${extra[@]}"} "$@"
     ;;
   evaluate)
     workdir="${1:?usage: launch/slurm.sh evaluate WORKDIR [EXTRA FLAGS]}"

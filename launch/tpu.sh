@@ -42,7 +42,9 @@ project_flag=()
 
 tpu() {  # gcloud compute tpus tpu-vm SUBCOMMAND NAME --zone ... [more flags]
   local sub="$1"; shift
-  "${GCLOUD}" compute tpus tpu-vm "${sub}" "${TPU_NAME}" --zone="${ZONE}" "${project_flag[@]}" "$@"
+  # ${a[@]+"${a[@]}"}: an empty array under set -u on bash < 4.4 (CentOS 7, macOS)
+  "${GCLOUD}" compute tpus tpu-vm "${sub}" "${TPU_NAME}" --zone="${ZONE}" \
+    ${project_flag[@]+"${project_flag[@]}"} "$@"
 }
 
 on_workers() {  # on_workers WORKERS COMMAND: run a shell command on "all" or one worker index
@@ -53,7 +55,7 @@ on_workers() {  # on_workers WORKERS COMMAND: run a shell command on "all" or on
 copy_to_workers() {  # copy_to_workers LOCAL REMOTE [FLAGS]: scp to every worker's $HOME/REMOTE
   local src="$1" dest="$2"; shift 2
   "${GCLOUD}" compute tpus tpu-vm scp "$@" "${src}" "${TPU_NAME}:${dest}" --zone="${ZONE}" \
-    "${project_flag[@]}" --worker=all
+    ${project_flag[@]+"${project_flag[@]}"} --worker=all
 }
 
 # Quotes each argument for the remote shell, so flags such as --config.data.alpha=0.3 or paths with
@@ -74,7 +76,7 @@ case "${cmd}" in
   create)
     spot_flag=()
     [[ "${SPOT:-0}" == "1" ]] && spot_flag=(--spot)
-    tpu create --accelerator-type="${ACCELERATOR_TYPE}" --version="${TPU_VERSION}" "${spot_flag[@]}"
+    tpu create --accelerator-type="${ACCELERATOR_TYPE}" --version="${TPU_VERSION}" ${spot_flag[@]+"${spot_flag[@]}"}
     ;;
   setup)
     # Ship exactly what is committed (git HEAD), not the working tree: a run is reproducible from

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import shlex
 import sys
@@ -108,9 +107,11 @@ def default_output_dir(opts: RunOptions) -> str:
     dataset += "-context"
   if opts.part != "all":
     dataset += f"-{opts.part}"
-  if opts.workdir:
+  if opts.workdir and "://" not in opts.workdir:
     return os.path.join(opts.workdir, "eval", f"{dataset}-step{opts.step}")
-  return os.path.join("eval_results", _source_name(opts), dataset)
+  # Outputs are written with local file APIs: a remote (gs://) run's go to the local directory.
+  step = f"-step{opts.step}" if opts.workdir else ""
+  return os.path.join("eval_results", _source_name(opts), dataset + step)
 
 
 def _validate(opts: RunOptions) -> None:
@@ -138,7 +139,7 @@ def _validate(opts: RunOptions) -> None:
   if opts.embeddings and opts.export_embeddings:
     raise EvaluateUsageError("--export_embeddings writes embeddings computed by --model or "
                              "--workdir; with --embeddings they already exist")
-  _check_directories(opts)
+  check_directories(opts)
 
 
 # flag -> (what a directory named by it holds, how else to get one), for the message when the
@@ -158,11 +159,11 @@ _EXPECTED_DIRECTORIES = {
 }
 
 
-def _check_directories(opts: RunOptions) -> None:
+def check_directories(opts: RunOptions) -> None:
   """Every directory the user named exists, before any data or model is read."""
   for flag, (expected, alternative) in _EXPECTED_DIRECTORIES.items():
     path = getattr(opts, flag)
-    if not path or os.path.isdir(path):
+    if not path or "://" in path or os.path.isdir(path):  # gs:// etc.: checked by their readers
       continue
     found = "a file" if os.path.exists(path) else "nothing there"
     raise MissingPathError(f"--{flag}={path!r} is not a directory (found {found}); expected "
@@ -176,10 +177,10 @@ def _run_data_config(opts: RunOptions) -> dict:
     return data.to_dict() if hasattr(data, "to_dict") else dict(data)
   if opts.workdir:
     from hybrid_jax import checkpointing  # pylint: disable=g-import-not-at-top
-    path = os.path.join(opts.workdir, checkpointing.CONFIG_FILE)
-    if os.path.isfile(path):
-      with open(path, encoding="utf-8") as f:
-        return dict(json.load(f).get("data") or {})
+    try:  # through epath, so a gs:// workdir's config.json is read too
+      return dict(checkpointing.read_run_config(opts.workdir).get("data") or {})
+    except checkpointing.CheckpointConfigError:
+      return {}
   return {}
 
 

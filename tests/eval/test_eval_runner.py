@@ -313,3 +313,15 @@ def test_heldout_test_part_through_the_runner(subset, tmp_path):
     runner.evaluator_spec(dataclasses.replace(options, heldout_fraction=-1.0, config=trained))
   with pytest.raises(runner.EvaluateUsageError, match="splits LAReQA directories"):
     runner.evaluator_spec(dataclasses.replace(options, dataset="beir", data_dir=str(tmp_path)))
+
+
+def test_remote_workdirs_are_not_checked_as_local_directories_and_write_locally():
+  """launch/tpu.sh evaluate passes gs:// workdirs: no local-directory check, no config.json read
+  through os.path (epath handles gs://), and outputs default to eval_results/<run>/ locally."""
+  opts = runner.RunOptions(workdir="gs://bucket/runs/xlmr_hybrid", dataset="xquad-r",
+                           step="best")
+  runner.check_directories(opts)  # no MissingPathError
+  assert runner.default_output_dir(opts) == os.path.join("eval_results", "xlmr_hybrid",
+                                                         "xquad-r-stepbest")
+  local = dataclasses.replace(opts, workdir="/runs/xlmr_hybrid")
+  assert runner.default_output_dir(local) == "/runs/xlmr_hybrid/eval/xquad-r-stepbest"
