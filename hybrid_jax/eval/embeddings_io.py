@@ -120,3 +120,8 @@ def load_for(directory: str, query_uids: Sequence[str],
         f"have width {c_emb.shape[1]}; both must come from the same encoder.")
   return (align(q_uids, q_emb, query_uids, "query", directory),
           align(c_uids, c_emb, candidate_uids, "candidate", directory))
+
+
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+  """Rows scaled to unit L2 norm (all-zero rows stay zero): cosine scoring by inner product."""
+  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)

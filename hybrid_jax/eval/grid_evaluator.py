@@ -36,11 +36,6 @@ class EvaluatorConfigError(errors.UserError):
   """An evaluator spec (config.evals.<name> or the evaluate command line) cannot be built."""
 
 
-def _normalize(x: np.ndarray) -> np.ndarray:
-  norm = np.linalg.norm(x, axis=1, keepdims=True)
-  return x / np.maximum(norm, 1e-12)
-
-
 def _texts_digest(prefix: str, texts: Sequence[str]) -> str:
   digest = hashlib.sha1(prefix.encode("utf-8"))
   for t in texts:
@@ -186,7 +181,8 @@ class GridEvaluator:
           f"query embeddings have width {query_emb.shape[1]} but candidate embeddings have "
           f"width {candidate_emb.shape[1]}; both must come from the same encoder.")
     if self.normalize:
-      query_emb, candidate_emb = _normalize(query_emb), _normalize(candidate_emb)
+      query_emb, candidate_emb = (embeddings_io.normalize_rows(query_emb),
+                                  embeddings_io.normalize_rows(candidate_emb))
     per_query = metrics_lib.score_grid(
         query_emb, candidate_emb, col.lang_index(col.candidate_langs), len(col.languages),
         col.relevance_arrays(), mesh=self.mesh, show_progress=self.show_progress)

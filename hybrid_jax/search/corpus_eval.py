@@ -297,7 +297,7 @@ class CorpusEvaluator:
           f"query embeddings have width {query_emb.shape[1]} but the corpus embeddings "
           f"{corpus.shape[1]}; both must come from the same encoder.")
     if self.normalize:
-      query_emb = query_emb / np.maximum(np.linalg.norm(query_emb, axis=1, keepdims=True), 1e-12)
+      query_emb = embeddings_io.normalize_rows(query_emb)
     return query_emb.astype(np.float32), corpus
 
   def export_embeddings(self, directory: str, query_emb: np.ndarray, corpus) -> None:
@@ -381,7 +381,7 @@ class _NormalizedRows:
 
   def __getitem__(self, index):
     block = np.asarray(self.rows[index], np.float32)
-    return block / np.maximum(np.linalg.norm(block, axis=-1, keepdims=True), 1e-12)
+    return embeddings_io.normalize_rows(block)
 
   def __array__(self, dtype=None, copy=None):
     return np.asarray(self[:], dtype)

@@ -35,6 +35,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from hybrid_jax import errors
+from hybrid_jax.eval import embeddings_io
 
 MANIFEST = "manifest.json"
 FORMAT = "hybrid_jax.corpus_store/1"
@@ -324,7 +325,7 @@ def write_store(directory: str, docs: Iterable[tuple[str, str]],
     if not np.isfinite(embeddings).all():
       raise StoreError(f"embed_fn returned NaN or inf embeddings in shard {shard.name}")
     if normalize:
-      embeddings /= np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+      embeddings = embeddings_io.normalize_rows(embeddings)
     manifest["dim"] = int(embeddings.shape[1])
     stem = os.path.join(directory, shard.name)
     _write_atomically(stem + ".npy", lambda tmp, e=embeddings.astype(dtype): _save_npy(tmp, e))

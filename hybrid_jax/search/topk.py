@@ -421,17 +421,7 @@ def _chunk_candidates(scores, valid, groups: int):
     order = jnp.argsort(positions[:, :take], axis=1)
     return (jnp.take_along_axis(values[:, :take], order, axis=1),
             jnp.take_along_axis(positions[:, :take], order, axis=1), values[:, take])
-  if valid is None:
-    group_max = _canonical(jnp.max(scores.reshape(batch, size // group, group), axis=2))
-  else:
-    group_max = jnp.max(_masked(scores, row_valid).reshape(batch, size // group, group), axis=2)
-  best_values, best_groups = _sliceable(lax.top_k(group_max, groups + 1))
-  best_groups = jnp.sort(best_groups[:, :groups], axis=1)
-  positions = (best_groups[:, :, None] * group + jnp.arange(group)[None, None, :]).reshape(
-      batch, groups * group)
-  candidates = _masked(jnp.take_along_axis(scores, positions, axis=1),
-                       None if valid is None else valid[positions])
-  return candidates, positions, best_values[:, groups]
+  return _best_groups(scores, valid, groups, with_bound=True)
 
 
 def _sliceable(top_k_outputs):
@@ -641,11 +631,20 @@ def _chunk_topk(scores, valid, k: int):
   earliest groups with maximum v, which would already hold that many earlier elements equal
   to v.)
   """
+  size, group = scores.shape[1], _TOPK_GROUP
+  if size < _TOPK_MIN_RATIO * k * group or size % group:
+    return lax.top_k(_masked(scores, None if valid is None else valid[None, :]), k)
+  candidates, positions, _ = _best_groups(scores, valid, k, with_bound=False)  # [B, k * G]
+  top_scores, top = lax.top_k(candidates, k)
+  return top_scores, jnp.take_along_axis(positions, top, axis=1)
+
+
+def _best_groups(scores, valid, groups: int, *, with_bound: bool):
+  """The scores of the `groups` best groups of G consecutive scores by their maximum (lower
+  group first among ties), in position order: (candidates [B, groups * G], positions, bound [B]
+  = the next group's maximum, which no other score exceeds; None without `with_bound`)."""
   batch, size = scores.shape
   group = _TOPK_GROUP
-  row_valid = None if valid is None else valid[None, :]
-  if size < _TOPK_MIN_RATIO * k * group or size % group:
-    return lax.top_k(_masked(scores, row_valid), k)
   # Without a mask (every chunk but a padded last one, unless corpus_mask is given) nothing of
   # size [B, C] is written besides the scores themselves: the reduction reads them straight from
   # the matrix product, and canonicalising the maxima equals maximising canonical scores. An
@@ -653,15 +652,20 @@ def _chunk_topk(scores, valid, k: int):
   if valid is None:
     group_max = _canonical(jnp.max(scores.reshape(batch, size // group, group), axis=2))
   else:
-    group_max = jnp.max(_masked(scores, row_valid).reshape(batch, size // group, group), axis=2)
-  _, best_groups = lax.top_k(group_max, k)  # [B, k]
-  best_groups = jnp.sort(best_groups, axis=1)  # position order, so top_k's tie rule holds
-  positions = (best_groups[:, :, None] * group + jnp.arange(group)[None, None, :]).reshape(
-      batch, k * group)
+    group_max = jnp.max(_masked(scores, valid[None, :]).reshape(batch, size // group, group),
+                        axis=2)
+  bound = None
+  if with_bound:
+    best_values, best = _sliceable(lax.top_k(group_max, groups + 1))
+    bound, best = best_values[:, groups], best[:, :groups]
+  else:
+    _, best = lax.top_k(group_max, groups)
+  best = jnp.sort(best, axis=1)  # position order, so top_k's tie rule holds downstream
+  positions = (best[:, :, None] * group + jnp.arange(group)[None, None, :]).reshape(
+      batch, groups * group)
   candidates = _masked(jnp.take_along_axis(scores, positions, axis=1),
-                       None if valid is None else valid[positions])  # [B, k * G]
-  top_scores, top = lax.top_k(candidates, k)
-  return top_scores, jnp.take_along_axis(positions, top, axis=1)
+                       None if valid is None else valid[positions])
+  return candidates, positions, bound
 
 
 def _count_ranked_above(scores, doc_index, targets, target_group: int):
