@@ -39,8 +39,10 @@ def parse_args():
   parser.add_argument("--num_docs", type=int, default=1_000_000)
   parser.add_argument("--dim", type=int, default=384)
   parser.add_argument("--k", type=int, default=100)
-  parser.add_argument("--chunk_size", type=int, default=65536, help="corpus rows per step")
-  parser.add_argument("--query_chunk_size", type=int, default=4096, help="queries per step")
+  parser.add_argument("--chunk_size", type=int, default=0,
+                      help="corpus rows per step (0: search.topk.default_block_shape)")
+  parser.add_argument("--query_chunk_size", type=int, default=0,
+                      help="queries per step (0: search.topk.default_block_shape)")
   parser.add_argument("--threads", type=int, default=0, help="cores for both (0: all)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--small", action="store_true",
@@ -132,8 +134,9 @@ def main():
   corpus = rng.standard_normal((args.num_docs, args.dim), dtype=np.float32)
   queries = rng.standard_normal((args.num_queries, args.dim), dtype=np.float32)
   prefilter = {"auto": None, "on": True, "off": False}[args.prefilter]
-  chunks = dict(chunk_size=args.chunk_size, query_chunk_size=args.query_chunk_size,
-                prefilter=prefilter)
+  default_chunk, default_query_chunk = topk.default_block_shape(jax.devices()[0])
+  chunks = dict(chunk_size=args.chunk_size or default_chunk,
+                query_chunk_size=args.query_chunk_size or default_query_chunk, prefilter=prefilter)
   print(f"prefilter: {args.prefilter} (bfloat16 fast here: "
         f"{topk.fast_bfloat16(jax.devices()[0])})", flush=True)
 

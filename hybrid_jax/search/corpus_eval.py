@@ -141,8 +141,8 @@ class CorpusEvaluator:
                training_languages: Sequence[str] | None = None, corpus_store: str = "",
                store_shard_size: int = store_lib.DEFAULT_SHARD_SIZE,
                store_dtype: str = "float32", trec_depth: int = 0,
-               search_dtype: str = "float32", search_chunk_size: int = 65536,
-               search_query_chunk_size: int = 4096):
+               search_dtype: str = "float32", search_chunk_size: int | None = None,
+               search_query_chunk_size: int | None = None):
     """
     Args (besides the grid evaluator's prefixes, groups, normalize, mesh, show_progress and
     training_languages, see eval/grid_evaluator.py):
@@ -152,7 +152,8 @@ class CorpusEvaluator:
       store_dtype: "float32" or "float16" on disk.
       trec_depth: documents per query in run.trec (0: the evaluator's default).
       search_dtype: "float32" or "bfloat16" embeddings in the search (scores in float32).
-      search_chunk_size / search_query_chunk_size: the search's chunk sizes (bound its memory).
+      search_chunk_size / search_query_chunk_size: the search's chunk sizes (bound its memory);
+        None = `topk.default_block_shape` of the device.
     """
     if search_dtype not in SEARCH_DTYPES:
       raise grid_evaluator.EvaluatorConfigError(
@@ -170,15 +171,18 @@ class CorpusEvaluator:
     self.corpus_store = corpus_store
     self.store_shard_size = int(store_shard_size)
     self.store_dtype = store_dtype
-    if int(trec_depth) < 0 or int(search_chunk_size) < 1 or int(search_query_chunk_size) < 1:
+    chunk_sizes = [int(size) for size in (search_chunk_size, search_query_chunk_size)
+                   if size is not None]
+    if int(trec_depth) < 0 or any(size < 1 for size in chunk_sizes):
       raise grid_evaluator.EvaluatorConfigError(
           f"trec_depth must be >= 0 (0: the default) and the search chunk sizes >= 1, found "
           f"trec_depth={trec_depth}, search_chunk_size={search_chunk_size}, "
           f"search_query_chunk_size={search_query_chunk_size}")
     self.trec_depth = int(trec_depth) or self.default_trec_depth
     self.search_dtype = search_dtype
-    self.search_chunk_size = int(search_chunk_size)
-    self.search_query_chunk_size = int(search_query_chunk_size)
+    self.search_chunk_size = None if search_chunk_size is None else int(search_chunk_size)
+    self.search_query_chunk_size = (None if search_query_chunk_size is None
+                                    else int(search_query_chunk_size))
     self.last_run = None  # (query uids, doc ids, indices, scores) of the latest score()
     self._temporary_stores: list[str] = []  # corpus stores of uncached runs, removed after use
 
