@@ -181,6 +181,46 @@ def plot_strategies(results: dict, path: str) -> bool:
   return True
 
 
+def seed_runs(strategy: str) -> list[str]:
+  """Direction A's runs of one strategy over seeds 0, 1, 2 (seed 0 is the main run)."""
+  return [f"A-{strategy}"] + [f"A-{strategy}-seed{s}" for s in (1, 2)]
+
+
+def plot_seeds(results: dict, path: str) -> bool:
+  """Per evaluation and family: each seed's mAP (dots) and the mean ± sd (bar) per strategy, so
+  seed spread and the gaps between strategies sit on one axis."""
+  evals = [e.name for e in study.direction_evals("A")]
+  strategies = study_config.STRATEGIES
+  if not any(sum(value(results, n, e, "multilingual", "map") is not None
+                 for n in seed_runs(s)) >= 2 for e in evals for s in strategies):
+    return False
+  plt = _pyplot()
+  fig, axes = plt.subplots(len(evals), len(FAMILIES), figsize=(11, 3.2 * len(evals)),
+                           squeeze=False)
+  for row, evaluation in enumerate(evals):
+    for col, family in enumerate(FAMILIES):
+      ax = axes[row][col]
+      for k, strategy in enumerate(strategies):
+        values = [v for v in (value(results, n, evaluation, family, "map")
+                              for n in seed_runs(strategy)) if v is not None]
+        if not values:
+          continue
+        ax.plot([k] * len(values), values, "o", alpha=0.6)
+        if len(values) >= 2:
+          mean = sum(values) / len(values)
+          sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+          ax.errorbar([k + 0.15], [mean], yerr=[sd], fmt="_", color="black", capsize=4)
+      ax.set_xticks(range(len(strategies)))
+      ax.set_xticklabels([STRATEGY_NAMES[s].split(" (")[0] for s in strategies])
+      ax.set_title(f"{evaluation}: {family.replace('_', '-')} mAP", fontsize=9)
+      ax.grid(axis="y", alpha=0.3)
+  fig.suptitle("Direction A, seeds 0-2: dots = seeds, black = mean ± sd", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
+
+
 # --- sections -----------------------------------------------------------------------------------
 def strategy_rows(direction: str) -> list[tuple[str, str]]:
   return [("zeroshot", "")] + [(f"{direction}-{s}", s) for s in study_config.STRATEGIES]
@@ -331,17 +371,19 @@ SEED_COLUMNS = (("mAP mono (mean ± sd)", "monolingual", "map", 3),
                 ("unseen languages: mAP multi", "multilingual", "unseen/map", 3))
 
 
-def seed_section(results: dict) -> list[str]:
+def seed_section(results: dict, plotted: bool) -> list[str]:
   rows = []
   for evaluation in (e.name for e in study.direction_evals("A")):
     for strategy in study_config.STRATEGIES:
-      names = [f"A-{strategy}"] + [f"A-{strategy}-seed{s}" for s in (1, 2)]
       cells = []
       for _, family, metric, digits in SEED_COLUMNS:
-        values = [value(results, n, evaluation, family, metric) for n in names]
+        values = [value(results, n, evaluation, family, metric) for n in seed_runs(strategy)]
         cells.append(mean_sd([v for v in values if v is not None], digits))
       rows.append([evaluation, STRATEGY_NAMES[strategy]] + cells)
-  return table(["evaluation", "batches"] + [c[0] for c in SEED_COLUMNS], rows)
+  lines = table(["evaluation", "batches"] + [c[0] for c in SEED_COLUMNS], rows)
+  if plotted:
+    lines += [f"![seeds](../experiments/results/{PLOTS}/seeds.png)", ""]
+  return lines
 
 
 def paper_section() -> list[str]:
@@ -369,6 +411,7 @@ def build(results_dir: str = study.RESULTS_DIR, output: str = OUTPUT) -> str:
   os.makedirs(os.path.join(results_dir, PLOTS), exist_ok=True)
   plotted_alpha = plot_alpha(results, os.path.join(results_dir, PLOTS, "alpha_curve.png"))
   plotted_bars = plot_strategies(results, os.path.join(results_dir, PLOTS, "strategies.png"))
+  plotted_seeds = plot_seeds(results, os.path.join(results_dir, PLOTS, "seeds.png"))
   intro_path = os.path.join(HERE, "RESULTS_intro.md")
   reading_path = os.path.join(HERE, "RESULTS_reading.md")
   lines = ["# Results: hybrid batching vs X-X-mono and X-Y on real data (multilingual-e5-small)",
@@ -402,7 +445,7 @@ def build(results_dir: str = study.RESULTS_DIR, output: str = OUTPUT) -> str:
   lines += ["## Alpha sweep (direction A)", ""]
   lines += alpha_section(results, plotted_alpha)
   lines += ["## Seeds (direction A: seeds 0, 1, 2)", ""]
-  lines += seed_section(results)
+  lines += seed_section(results, plotted_seeds)
   lines += ["## The paper's numbers, for context (XLM-R / LaBSE fine-tuned on mMARCO, batch 100)",
             ""]
   lines += paper_section()

@@ -133,6 +133,9 @@ def test_report_puts_each_results_json_in_its_cells(tmp_path):
   # Alpha row of the multilingual pool on XQuAD-R: X-Y 0.33, 0.25 -> 0.35, 0.5 -> 0.37, mono 0.31.
   assert "| xquad-r | multilingual | 0.330 | 0.350 | 0.370 | - | 0.310 |" in text
   assert os.path.isfile(results / "plots" / "alpha_curve.png")
+  assert os.path.isfile(results / "plots" / "seeds.png") and "![seeds]" in text
+  # Rank distance over seeds: 100.0 in all three fake runs -> sd 0.
+  assert "| 100.0 ± 0.0 (n=3) |" in text
   assert "low_resource mAP cross" in text and "| zero-shot e5-small | 0.250 | 0.200 | 120.0 |" in text
   # No per_query.npz here: no significance rows, and no crash.
   assert "| hybrid vs |" not in text
