@@ -22,7 +22,8 @@ whose scores differ by less than 2e-4, which must then agree on the score to tha
 (float64 re-scoring of both lists); the float32 scores of both are compared with float64
 re-scoring too. Peak memory: resident memory sampled every 20 ms during each
 side's run, minus the resident memory before it (the corpus and queries are already loaded); ours
-is bounded by the chunks (`search.topk.peak_block_bytes`, printed next to it), not by the corpus.
+is bounded by the blocks (`search.topk.PrunedShape.working_set_bytes`, printed next to it), not by
+the corpus.
 """
 
 from __future__ import annotations
@@ -152,12 +153,15 @@ def main():
     result = topk.search_with_ranks(queries, corpus, args.k, **chunks)
     ours_s = time.perf_counter() - started
   ours_scores, ours_idx = result.scores, result.indices
-  bound = topk.peak_block_bytes(query_block, chunk, args.dim, args.k) / 2**30
+  shape = topk.pruned_shape(args.num_queries, args.num_docs, args.k,
+                            chunk_size=chunks.get("chunk_size"),
+                            query_chunk_size=chunks.get("query_chunk_size"))
+  bound = shape.working_set_bytes(args.dim, args.num_queries) / 2**30
   print(f"ours  exact_topk: {ours_s:8.2f} s  ({args.num_queries / ours_s:,.0f} queries/s; "
         f"warm-up {compile_s:.1f} s: compile + one query block), "
         f"{result.fallback_queries} queries not certified by the pruned scan (searched again), "
         f"peak memory +{ours_memory.increase_gib:.2f} GiB "
-        f"(chunk working set {bound:.2f} GiB; corpus {corpus.nbytes / 2**30:.2f} GiB)",
+        f"(working set {bound:.2f} GiB; corpus {corpus.nbytes / 2**30:.2f} GiB)",
         flush=True)
   if args.skip_faiss:
     return

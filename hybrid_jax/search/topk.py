@@ -19,11 +19,13 @@ a concatenation a candidate came from. Scores are canonicalised so that -0.0 and
 CPU top-k orders -0.0 below +0.0; NumPy and the reference compare them equal).
 
 Certified pruning (the default scan). Selecting the exact top k of every chunk costs more than
-its matrix product on CPU (lax.top_k is a partial sort per row). So each chunk only contributes
-its best `groups` groups of 16 consecutive scores (by group maximum) to a running list of
-`keep` = 2k candidates per query, and the scan tracks, per query, a bound on the score of every
-document it dropped: the best unselected group maximum of any chunk and the best candidate
-evicted from the list. At the end a query is certified when that bound is strictly below its
+its matrix product on CPU (lax.top_k is a partial sort per row). So each scored block only
+contributes its best `groups` groups of 16 consecutive scores (by group maximum) to a running
+list of `keep` = 2k candidates per query, and the scan tracks, per query, a bound on the score of
+every document it dropped: the best unselected group maximum of any block and the best candidate
+evicted from the list. On CPU the blocks are small enough for their scores to stay in cache
+(`score_block_rows`) and the list absorbs many blocks' candidates at once (`merge_rows`): there a
+top-k costs about the same for 500 as for 4,000 candidates, so merging rarely is cheap. At the end a query is certified when that bound is strictly below its
 k-th best score (then no dropped document can enter its top k, ties included); the few queries
 that are not are searched again with the full selection above (`SearchResult.fallback_queries`).
 
@@ -50,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from typing import Any
 
@@ -72,6 +75,13 @@ _TARGET_GATHER_BUDGET = 1 << 25
 # 2.5x faster top 100 of 65536 scores; no gain for a top 1000 or rows of 33k scores).
 _TOPK_GROUP = 16
 _TOPK_MIN_RATIO = 32
+# Groups each scored block of the pruned scan contributes per device, at least.
+_MIN_GROUPS = 8
+# Elements of the pruned scan's [query chunk, rows per device] score block on CPU
+# (`score_block_rows`).
+_CPU_SCORE_BLOCK = 1024 * 4096
+# Corpus rows per merge into the running list of the pruned scan on CPU (`merge_rows`).
+_CPU_MERGE_ROWS = 131072
 # Float32 unit roundoff: the summation error of a D-term float32 dot product is at most
 # gamma_D * sum |x_i y_i| with gamma_D = D u / (1 - D u) (Higham, Accuracy and Stability, 3.1).
 _F32_UNIT_ROUNDOFF = 2.0**-24
@@ -216,7 +226,9 @@ def default_block_shape(device) -> tuple[int, int]:
   10k x 1M x 384 in 26.5 - 28.5 s against 29.1 - 30.9 s for 4,096 x 65,536 (833 MiB, more than
   the development machine's 480 MiB L3), 10k x 250k in 9.3 s against 11.6 s, with a sixth of the
   peak memory (benchmarks/README.md). Accelerators keep their scores in HBM either way and prefer
-  fewer, larger steps."""
+  fewer, larger steps. These are the blocks of the exhaustive scan (uncertified queries, target
+  ranks); on CPU the pruned scan scores smaller blocks (`score_block_rows`) and merges larger
+  spans (`merge_rows`)."""
   if device.platform == "cpu":
     return 32768, 1024
   return 65536, 4096
@@ -320,20 +332,23 @@ def fast_bfloat16(device) -> bool:
 def _pruned_scan(queries_np, *, corpus, k: int, mask, chunk_size: int, query_chunk_size: int,
                  mesh: Mesh, dtype, prefilter: bool, progress_desc: str | None):
   """(scores [Q, k], indices [Q, k], uncertified query rows): one pass with certified pruning
-  (module docstring); rows of `uncertified` must be searched again with `_scan`."""
+  (module docstring); rows of `uncertified` must be searched again with `_scan`.
+
+  Each step places and scores one block of `score_rows` corpus rows (`score_block_rows`: on CPU
+  small enough for the score block to stay in cache) and keeps only its candidates; the running
+  list absorbs the candidates of `merge_rows` rows at a time, because on CPU merging into the
+  list costs more than scoring (a top 2k of the list and the candidates: 31 ms for 1,024 queries
+  whether they bring 512 or 2,048 candidates, against 4 ms to score 4,096 rows). Memory:
+  `PrunedShape.working_set_bytes`."""
   num_queries, num_docs = queries_np.shape[0], corpus.shape[0]
-  num_devices = mesh.devices.size
-  query_chunk, chunk = block_shapes(num_queries, num_docs, chunk_size=chunk_size,
-                                    query_chunk_size=query_chunk_size, num_devices=num_devices)
-  local_rows = chunk // num_devices
-  # The list: 2k, so that the evicted scores sit well below the k-th (a list of 1.5k left 6% of
-  # the benchmark's queries uncertified and was slower).
-  keep = min(2 * k, num_docs)
-  # Groups a device's chunk contributes: about twice a query's expected share of the list in a
-  # chunk of a corpus in random order (a clustered corpus only costs fallbacks), at least 16.
-  groups = max(16, min(keep, math.ceil(2 * keep * local_rows / num_docs)))
-  steps = {masked: _pruned_step(mesh, keep=keep, groups=groups, masked=masked,
-                                prefilter=prefilter) for masked in (False, True)}
+  shape = pruned_shape(num_queries, num_docs, k, chunk_size=chunk_size,
+                       query_chunk_size=query_chunk_size, device=mesh.devices.flat[0],
+                       num_devices=mesh.devices.size)
+  query_chunk, score_rows, keep, groups = (shape.query_chunk, shape.score_rows, shape.keep,
+                                           shape.groups)
+  select = {masked: _candidates_step(mesh, groups=groups, masked=masked, prefilter=prefilter)
+            for masked in (False, True)}
+  merge = _list_merge_step(keep)
   replicated = NamedSharding(mesh, P())
   rows_sharded = NamedSharding(mesh, P(mesh.axis_names))
   scoring_dtype = jnp.dtype(jnp.bfloat16) if prefilter else dtype
@@ -343,22 +358,31 @@ def _pruned_scan(queries_np, *, corpus, k: int, mask, chunk_size: int, query_chu
   state = [jax.device_put({
       "scores": jnp.full((query_chunk, keep), -jnp.inf, jnp.float32),
       "indices": jnp.full((query_chunk, keep), jnp.iinfo(jnp.int32).max, jnp.int32),
-      "bound": jnp.full((query_chunk,), -jnp.inf, jnp.float32),
-      "norms": jnp.zeros((3,), jnp.float32)}, replicated) for _ in query_starts]
-  for start, chunk_emb, chunk_valid, masked in _placed_chunks(
-      corpus, mask, chunk, rows_sharded, dtype, progress_desc, lambda: state[0]):
-    norms = None
-    if prefilter:  # once per chunk, not per query block
-      chunk_emb, norms = _bfloat16_parts(mesh)(chunk_emb)
+      "bound": jnp.full((query_chunk,), -jnp.inf, jnp.float32)}, replicated)
+           for _ in query_starts]
+  norms = []
+  # A group of blocks (`merge_rows` rows) is placed, then each query block scores all of them and
+  # merges their candidates: memory holds at most two groups of corpus rows (`_placed_chunks`
+  # waits for the previous group's first query block) and one query block's candidates.
+  blocks = _placed_chunks(corpus, mask, score_rows, rows_sharded, dtype, progress_desc,
+                          lambda: state[0])
+  while group := list(itertools.islice(blocks, shape.blocks_per_merge)):
+    if prefilter:  # once per block, not per query block
+      group = [(start, *_bfloat16_parts(mesh)(emb), valid, masked)
+               for start, emb, valid, masked in group]
+      norms.extend(block_norms for _, _, block_norms, _, _ in group)
+      group = [(start, emb, valid, masked) for start, emb, _, valid, masked in group]
     for i, queries_block in enumerate(query_blocks):
-      state[i] = steps[masked](state[i], queries_block, chunk_emb, norms, chunk_valid,
-                               jnp.int32(start))
+      found = [select[masked](queries_block, emb, valid, jnp.int32(start))
+               for start, emb, valid, masked in group]
+      state[i] = merge(state[i], *zip(*found))
 
   gather = lambda name: np.concatenate([np.asarray(s[name]) for s in state])[:num_queries]
   scores, indices, bound = gather("scores"), gather("indices"), gather("bound")
   if prefilter:
-    norms = np.asarray(state[0]["norms"], np.float64)  # max |d_hi|, |d - d_hi|, |d| (all chunks)
-    error = _prefilter_error(queries_np, norms, corpus.shape[1])
+    # max |d_hi|, |d - d_hi|, |d| over all blocks
+    corpus_norms = np.max(np.stack([np.asarray(n) for n in norms]), axis=0).astype(np.float64)
+    error = _prefilter_error(queries_np, corpus_norms, corpus.shape[1])
     scores, indices = _rescore(queries_np, corpus, scores, indices, error, k)
     bound = bound + error
   else:
@@ -367,40 +391,119 @@ def _pruned_scan(queries_np, *, corpus, k: int, mask, chunk_size: int, query_chu
   return scores, indices.astype(np.int64), uncertified
 
 
+@dataclasses.dataclass(frozen=True)
+class PrunedShape:
+  """The block structure of one pruned scan (`pruned_shape`)."""
+  query_chunk: int  # queries per block
+  score_rows: int  # corpus rows scored per step (all devices)
+  blocks_per_merge: int  # steps whose candidates the running list absorbs at once
+  keep: int  # length of the running list per query
+  groups: int  # groups of _TOPK_GROUP scores a device's block contributes per query
+  num_devices: int
+
+  def working_set_bytes(self, dim: int, num_queries: int, itemsize: int = 4) -> int:
+    """Per-device bytes the scan holds at most, independent of the corpus size: two groups of
+    placed corpus rows (one being scored, the next being placed), every query block, one score
+    block, one query block's candidates of a group, and the running lists."""
+    local_rows = self.score_rows // self.num_devices
+    num_query_blocks = -(-num_queries // self.query_chunk)
+    candidates = self.groups * _TOPK_GROUP * self.num_devices
+    return (2 * self.blocks_per_merge * local_rows * dim * itemsize
+            + num_query_blocks * self.query_chunk * dim * itemsize
+            + self.query_chunk * local_rows * 4
+            + self.blocks_per_merge * self.query_chunk * candidates * 8
+            + num_query_blocks * self.query_chunk * self.keep * 8)
+
+
+def pruned_shape(num_queries: int, num_docs: int, k: int, *, chunk_size: int | None = None,
+                 query_chunk_size: int | None = None, device=None,
+                 num_devices: int = 1) -> PrunedShape:
+  """The blocks the pruned scan of this search uses on `device` (None: jax's first device);
+  chunk sizes None: `default_block_shape`."""
+  device = jax.devices()[0] if device is None else device
+  default_chunk, default_query_chunk = default_block_shape(device)
+  query_chunk, chunk = block_shapes(
+      num_queries, num_docs, num_devices=num_devices,
+      chunk_size=default_chunk if chunk_size is None else chunk_size,
+      query_chunk_size=default_query_chunk if query_chunk_size is None else query_chunk_size)
+  _, score_rows = block_shapes(num_queries, num_docs, num_devices=num_devices,
+                               chunk_size=score_block_rows(device, query_chunk, chunk,
+                                                           num_devices))
+  local_rows = score_rows // num_devices
+  # The list: 2k, so that the evicted scores sit well below the k-th (a list of 1.5k left 6% of
+  # the benchmark's queries uncertified and was slower).
+  keep = min(2 * k, num_docs)
+  # Groups a device's block contributes: about twice a query's expected share of the list in a
+  # block of a corpus in random order (a clustered corpus only costs fallbacks), at least 8: a
+  # block then drops a document of the top k only if 9 of them fall into it, which for 4,096 of
+  # 1M random documents (0.4 expected) happens to one query in a billion.
+  groups = max(_MIN_GROUPS, min(keep, math.ceil(2 * keep * local_rows / num_docs)))
+  return PrunedShape(query_chunk=query_chunk, score_rows=score_rows,
+                     blocks_per_merge=max(1, merge_rows(device, chunk) // score_rows),
+                     keep=keep, groups=groups, num_devices=num_devices)
+
+
+def score_block_rows(device, query_chunk: int, chunk: int, num_devices: int = 1) -> int:
+  """Corpus rows the pruned scan scores per step: the chunk on accelerators; on CPU at most
+  `_CPU_SCORE_BLOCK` elements of [query chunk, rows per device] scores, which stay in cache
+  between the matrix product that writes them and the selection that reads them (1,024 x 4,096
+  float32 = 16 MiB: 2.4 ms, against 66 ms for 1,024 x 32,768 = 128 MiB, 3.4x the time per score
+  on the development machine)."""
+  if device.platform != "cpu":
+    return chunk
+  local = max(_TOPK_GROUP, _CPU_SCORE_BLOCK // max(1, query_chunk))
+  return min(chunk, local * num_devices)
+
+
+def merge_rows(device, chunk: int) -> int:
+  """Corpus rows whose candidates the pruned scan merges into its running list at once: the
+  chunk on accelerators, at least `_CPU_MERGE_ROWS` on CPU, where each merge is a top 2k over
+  the list and the new candidates and costs about the same for 500 as for 4,000 of them
+  (benchmarks/README.md: 10k x 1M, merging every 131,072 rows instead of 32,768: -2 s)."""
+  return max(chunk, _CPU_MERGE_ROWS) if device.platform == "cpu" else chunk
+
+
 @functools.lru_cache(maxsize=32)
-def _pruned_step(mesh: Mesh, *, keep: int, groups: int, masked: bool, prefilter: bool):
-  """Jitted (state, queries, chunk, norms, valid, offset) -> state of the pruned scan; with the
-  prefilter, chunk and norms come from `_bfloat16_parts`, else norms is None."""
+def _candidates_step(mesh: Mesh, *, groups: int, masked: bool, prefilter: bool):
+  """Jitted (queries, block, valid, offset) -> (candidate scores [B, M], their corpus indices,
+  bound [B]) of one scored block, gathered from every device in index order; every document of
+  the block left out scores at most `bound`."""
   axes = mesh.axis_names
 
-  def per_device(state, queries, chunk, norms, valid, offset):
-    local_rows = chunk.shape[0]
-    first_index = offset + lax.axis_index(axes) * local_rows
-    new_state = {"norms": state["norms"] if norms is None else jnp.maximum(state["norms"], norms)}
-    scores = lax.dot_general(queries, chunk, (((1,), (1,)), ((), ())),
+  def per_device(queries, block, valid, offset):
+    first_index = offset + lax.axis_index(axes) * block.shape[0]
+    scores = lax.dot_general(queries, block, (((1,), (1,)), ((), ())),
                              precision=None if prefilter else _HIGHEST,
                              preferred_element_type=jnp.float32)
     candidates, positions, bound = _chunk_candidates(scores, valid if masked else None, groups)
-    gathered_scores = lax.all_gather(candidates, axes, axis=1, tiled=True)
-    gathered_idx = lax.all_gather(positions + first_index, axes, axis=1, tiled=True)
-    # The list and the new candidates are each in (-score, index) / index order, and every
-    # listed index is below every new one, so top_k's lower-position rule is the index rule.
-    merged_scores, merged_pos = _sliceable(lax.top_k(
-        jnp.concatenate([state["scores"], gathered_scores], axis=1), keep + 1))
-    merged_idx = jnp.take_along_axis(
-        jnp.concatenate([state["indices"], gathered_idx], axis=1), merged_pos, axis=1)
-    new_state["scores"], new_state["indices"] = merged_scores[:, :keep], merged_idx[:, :keep]
-    new_state["bound"] = jnp.maximum(jnp.maximum(state["bound"], lax.pmax(bound, axes)),
-                                     merged_scores[:, keep])
-    return new_state
+    return (lax.all_gather(candidates, axes, axis=1, tiled=True),
+            lax.all_gather(positions + first_index, axes, axis=1, tiled=True),
+            lax.pmax(bound, axes))
 
   sharded = P(axes)
-  state_spec = {"scores": P(), "indices": P(), "bound": P(), "norms": P()}
-  mapped = jax.shard_map(per_device, mesh=mesh,
-                         in_specs=(state_spec, P(), sharded, P() if prefilter else None,
-                                   sharded, P()),
-                         out_specs=state_spec, check_vma=False)
-  return jax.jit(mapped, donate_argnums=0)
+  mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), sharded, sharded, P()),
+                         out_specs=(P(), P(), P()), check_vma=False)
+  return jax.jit(mapped)
+
+
+@functools.lru_cache(maxsize=8)
+def _list_merge_step(keep: int):
+  """Jitted (state, candidate scores, indices, bounds) -> state: the running list of `keep`
+  (score, index) pairs absorbs the candidates of several blocks (tuples, in corpus order), and
+  the bound grows by theirs and by the best evicted score."""
+
+  def merge(state, scores, indices, bounds):
+    # The list and the blocks' candidates are each in (-score, index) / index order, and every
+    # listed index is below every new one, so top_k's lower-position rule is the index rule.
+    merged_scores, merged_pos = _sliceable(lax.top_k(
+        jnp.concatenate([state["scores"], *scores], axis=1), keep + 1))
+    merged_idx = jnp.take_along_axis(jnp.concatenate([state["indices"], *indices], axis=1),
+                                     merged_pos, axis=1)
+    bound = functools.reduce(jnp.maximum, bounds, state["bound"])
+    return {"scores": merged_scores[:, :keep], "indices": merged_idx[:, :keep],
+            "bound": jnp.maximum(bound, merged_scores[:, keep])}
+
+  return jax.jit(merge, donate_argnums=0)
 
 
 @functools.lru_cache(maxsize=8)
@@ -717,12 +820,3 @@ def _positions_in_list(targets, indices) -> np.ndarray:
 
 def _take_rows(x, rows: np.ndarray):
   return x[jnp.asarray(rows)] if isinstance(x, jax.Array) else np.asarray(x[rows])
-
-
-def peak_block_bytes(query_chunk_size: int, chunk_size: int, dim: int, k: int,
-                     num_devices: int = 1, itemsize: int = 4) -> int:
-  """Bytes of the per-device working set of one step: the corpus chunk's rows, the query chunk,
-  the [query chunk, local rows] score block and the top-k lists (what bounds device memory)."""
-  local_rows = math.ceil(chunk_size / num_devices)
-  return (local_rows * dim * itemsize + query_chunk_size * dim * itemsize
-          + query_chunk_size * local_rows * 4 + query_chunk_size * (k * (num_devices + 2)) * 8)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from hybrid_jax.search import SearchInputError, exact_topk, search_with_ranks
+from hybrid_jax.search import SearchInputError, exact_topk, search_with_ranks, topk
 
 
 def _tied_embeddings(seed: int, num_queries: int, num_docs: int, dim: int = 6):
@@ -196,3 +196,57 @@ def test_bfloat16_prefilter_with_a_corpus_mask():
                            prefilter=True)
   np.testing.assert_array_equal(idx, want_idx)
   assert mask[idx].all()
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+@pytest.mark.parametrize("prefilter", [False, True])
+def test_several_score_blocks_per_merge_and_several_merges(monkeypatch, sharded, prefilter):
+  # Score blocks of 256 rows per device (16 groups, so only the best 8 groups of each block reach
+  # the list), merged two blocks at a time: the CPU path of a large search, on a small corpus.
+  monkeypatch.setattr(topk, "_CPU_SCORE_BLOCK", 16 * 256)
+  monkeypatch.setattr(topk, "_CPU_MERGE_ROWS", 0)
+  mesh = _all_devices_mesh() if sharded else None
+  num_devices = len(jax.devices()) if sharded else 1
+  chunk = 512 * num_devices
+  shape = topk.pruned_shape(48, 8192, 10, chunk_size=chunk, query_chunk_size=16,
+                            num_devices=num_devices)
+  assert (shape.score_rows, shape.blocks_per_merge, shape.groups) == (256 * num_devices, 2, 8)
+  queries, corpus = _twin_embeddings(2, 48, 8192)
+  mask = np.random.default_rng(2).random(8192) < 0.9  # some blocks have masked rows
+  want_scores, want_idx = _reference_topk(queries, corpus, 10, mask)
+  result = search_with_ranks(queries, corpus, 10, chunk_size=chunk, query_chunk_size=16,
+                             mesh=mesh, prefilter=prefilter, corpus_mask=mask)
+  np.testing.assert_array_equal(result.indices, want_idx)
+  np.testing.assert_allclose(result.scores, want_scores, rtol=1e-6, atol=1e-5)
+  assert result.fallback_queries <= 4  # the pruned scan answered, not the fallback
+
+
+def test_pruned_working_set_does_not_grow_with_the_corpus():
+  sizes = [topk.pruned_shape(10_000, n, 100).working_set_bytes(384, 10_000)
+           for n in (2_000_000, 8_000_000)]
+  assert sizes[0] == sizes[1] < 2**30
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_block_holding_most_of_the_top_k_is_not_certified(monkeypatch, sharded):
+  # Every query's top 10 lies in one device's part of the first score block, spread over more
+  # than the 8 groups it keeps: the block's bound (its 9th group maximum) is above the k-th score, so the pruned
+  # scan must not certify these queries (the answer comes from the full selection).
+  monkeypatch.setattr(topk, "_CPU_SCORE_BLOCK", 16 * 256)
+  monkeypatch.setattr(topk, "_CPU_MERGE_ROWS", 0)
+  num_devices = len(jax.devices()) if sharded else 1
+  rng = np.random.default_rng(3)
+  direction = rng.standard_normal(32)
+  queries = (direction + 0.1 * rng.standard_normal((16, 32))).astype(np.float32)
+  corpus = rng.standard_normal((4096 * num_devices, 32))
+  block = 256  # the first device's rows of the first block: every query's best documents
+  corpus[:block] += 3 * direction
+  corpus = corpus.astype(np.float32)
+  want_scores, want_idx = _reference_topk(queries, corpus, 10)
+  assert (want_idx < block).all()
+  result = search_with_ranks(queries, corpus, 10, chunk_size=512 * num_devices,
+                             query_chunk_size=16, prefilter=False,
+                             mesh=_all_devices_mesh() if sharded else None)
+  np.testing.assert_array_equal(result.indices, want_idx)
+  np.testing.assert_allclose(result.scores, want_scores, rtol=1e-6, atol=1e-5)
+  assert result.fallback_queries > 0
