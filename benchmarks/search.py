@@ -144,7 +144,7 @@ def main():
   # Warm-up: one query block over the whole corpus compiles exactly the steps the timed search
   # uses (full chunks and the padded last one), so nothing compiles later.
   started = time.perf_counter()
-  query_block, chunk = topk.block_shapes(args.num_queries, args.num_docs, **{
+  query_block, _ = topk.block_shapes(args.num_queries, args.num_docs, **{
       k: v for k, v in chunks.items() if k != "prefilter"})
   topk.exact_topk(queries[:query_block], corpus, args.k, **chunks)
   compile_s = time.perf_counter() - started
@@ -154,8 +154,8 @@ def main():
     ours_s = time.perf_counter() - started
   ours_scores, ours_idx = result.scores, result.indices
   shape = topk.pruned_shape(args.num_queries, args.num_docs, args.k,
-                            chunk_size=chunks.get("chunk_size"),
-                            query_chunk_size=chunks.get("query_chunk_size"))
+                            chunk_size=chunks["chunk_size"],
+                            query_chunk_size=chunks["query_chunk_size"])
   bound = shape.working_set_bytes(args.dim, args.num_queries) / 2**30
   print(f"ours  exact_topk: {ours_s:8.2f} s  ({args.num_queries / ours_s:,.0f} queries/s; "
         f"warm-up {compile_s:.1f} s: compile + one query block), "

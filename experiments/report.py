@@ -186,6 +186,12 @@ def seed_runs(strategy: str) -> list[str]:
   return [f"A-{strategy}"] + [f"A-{strategy}-seed{s}" for s in (1, 2)]
 
 
+def mean_and_sd(values: list[float]) -> tuple[float, float]:
+  """Mean and sample standard deviation (n - 1) of at least two values."""
+  mean = sum(values) / len(values)
+  return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
 def plot_seeds(results: dict, path: str) -> bool:
   """Per evaluation and family: each seed's mAP (dots) and the mean ± sd (bar) per strategy, so
   seed spread and the gaps between strategies sit on one axis."""
@@ -207,8 +213,7 @@ def plot_seeds(results: dict, path: str) -> bool:
           continue
         ax.plot([k] * len(values), values, "o", alpha=0.6)
         if len(values) >= 2:
-          mean = sum(values) / len(values)
-          sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+          mean, sd = mean_and_sd(values)
           ax.errorbar([k + 0.15], [mean], yerr=[sd], fmt="_", color="black", capsize=4)
       ax.set_xticks(range(len(strategies)))
       ax.set_xticklabels([STRATEGY_NAMES[s].split(" (")[0] for s in strategies])
@@ -358,8 +363,7 @@ def mean_sd(values: list[float], digits: int = 3) -> str:
   """'mean ± sd (n=k)' over the seeds that have a result (sample sd), or the one value."""
   if len(values) < 2:
     return fmt(values[0], digits) + " (1 seed)" if values else DASH
-  mean = sum(values) / len(values)
-  sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+  mean, sd = mean_and_sd(values)
   return f"{mean:.{digits}f} ± {sd:.{digits}f} (n={len(values)})"
 
 

@@ -25,9 +25,10 @@ list of `keep` = 2k candidates per query, and the scan tracks, per query, a boun
 every document it dropped: the best unselected group maximum of any block and the best candidate
 evicted from the list. On CPU the blocks are small enough for their scores to stay in cache
 (`score_block_rows`) and the list absorbs many blocks' candidates at once (`merge_rows`): there a
-top-k costs about the same for 500 as for 4,000 candidates, so merging rarely is cheap. At the end a query is certified when that bound is strictly below its
-k-th best score (then no dropped document can enter its top k, ties included); the few queries
-that are not are searched again with the full selection above (`SearchResult.fallback_queries`).
+top-k costs about the same for 500 as for 4,000 candidates, so merging rarely is cheap. At the
+end a query is certified when that bound is strictly below its k-th best score (then no dropped
+document can enter its top k, ties included); the few queries that are not are searched again
+with the full selection above (`SearchResult.fallback_queries`).
 
 bfloat16 prefilter (`prefilter`, default: where bfloat16 products are fast: TPU, GPU, CPUs with
 AMX or AVX512-BF16): float32 embeddings are scored in that scan with bfloat16 inputs (float32
@@ -368,10 +369,12 @@ def _pruned_scan(queries_np, *, corpus, k: int, mask, chunk_size: int, query_chu
                           lambda: state[0])
   while group := list(itertools.islice(blocks, shape.blocks_per_merge)):
     if prefilter:  # once per block, not per query block
-      group = [(start, *_bfloat16_parts(mesh)(emb), valid, masked)
-               for start, emb, valid, masked in group]
-      norms.extend(block_norms for _, _, block_norms, _, _ in group)
-      group = [(start, emb, valid, masked) for start, emb, _, valid, masked in group]
+      rounded = []
+      for start, emb, valid, masked in group:
+        high, block_norms = _bfloat16_parts(mesh)(emb)
+        norms.append(block_norms)
+        rounded.append((start, high, valid, masked))
+      group = rounded
     for i, queries_block in enumerate(query_blocks):
       found = [select[masked](queries_block, emb, valid, jnp.int32(start))
                for start, emb, valid, masked in group]

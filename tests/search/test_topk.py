@@ -230,8 +230,8 @@ def test_pruned_working_set_does_not_grow_with_the_corpus():
 @pytest.mark.parametrize("sharded", [False, True])
 def test_a_block_holding_most_of_the_top_k_is_not_certified(monkeypatch, sharded):
   # Every query's top 10 lies in one device's part of the first score block, spread over more
-  # than the 8 groups it keeps: the block's bound (its 9th group maximum) is above the k-th score, so the pruned
-  # scan must not certify these queries (the answer comes from the full selection).
+  # than the 8 groups it keeps: the block's bound (its 9th group maximum) is above the k-th
+  # score, so the pruned scan must not certify these queries (the full selection answers).
   monkeypatch.setattr(topk, "_CPU_SCORE_BLOCK", 16 * 256)
   monkeypatch.setattr(topk, "_CPU_MERGE_ROWS", 0)
   num_devices = len(jax.devices()) if sharded else 1
