@@ -32,7 +32,7 @@ import jax
 import numpy as np
 from sklearn.metrics import average_precision_score
 
-from hybrid_jax.data import lareqa
+from hybrid_jax.data import locations
 from hybrid_jax.eval import collection as collection_lib
 from hybrid_jax.eval import embeddings_io
 from hybrid_jax.eval import evaluators
@@ -115,7 +115,7 @@ def main() -> None:
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
 
-  data_dir = args.data_dir or os.path.join(lareqa.default_data_root(), args.dataset)
+  data_dir = locations.dataset_dir(args.dataset, args.data_dir)
   collection = collection_lib.from_lareqa(data_dir, name=args.dataset)
   if args.embeddings:
     query_emb, cand_emb = embeddings_io.load_for(args.embeddings, collection.query_uids,

@@ -259,9 +259,10 @@ class Study:
 def unseen_languages(evaluated: str, trained: str) -> tuple[str, ...]:
   """Languages of dataset `evaluated` that dataset `trained` has no file for."""
   from hybrid_jax.data import lareqa  # pylint: disable=g-import-not-at-top
+  from hybrid_jax.data import locations  # pylint: disable=g-import-not-at-top
   from hybrid_jax.eval import grid_evaluator  # pylint: disable=g-import-not-at-top
   languages = lambda name: lareqa.available_languages(
-      os.path.join(lareqa.default_data_root(), name))
+      locations.dataset_dir(name))
   return grid_evaluator.unseen_languages(languages(evaluated), languages(trained))
 
 

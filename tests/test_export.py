@@ -23,6 +23,7 @@ from hybrid_jax import checkpointing
 from hybrid_jax import export
 from hybrid_jax import trainer
 from hybrid_jax.data import lareqa
+from hybrid_jax.data import locations
 from hybrid_jax.models import e5_convert
 from hybrid_jax.models import hf_checkpoint
 from hybrid_jax.models import inference
@@ -30,7 +31,7 @@ from hybrid_jax.models import sentence_transformers_files as st_files
 from train_helpers import REPO, runlocal_config
 
 TOLERANCE = 1e-5
-XQUAD_R = os.path.join(lareqa.default_data_root(), "xquad-r")
+XQUAD_R = os.path.join(locations.data_root(), "xquad-r")
 
 
 @functools.lru_cache(maxsize=1)
@@ -77,6 +78,7 @@ def run_dir(tmp_path_factory) -> str:
   return workdir
 
 
+@pytest.mark.real_data
 def test_runlocal_export_encodes_like_text_embedder(run_dir, tmp_path):
   out = str(tmp_path / "st")
   assert export.export(run_dir, out, "last") == 20
@@ -128,6 +130,7 @@ def test_cli_labels_a_copy_of_a_plain_hugging_face_directory(run_dir, tmp_path):
     assert "Traceback" not in result.stderr and not (tmp_path / "bad").exists()
 
 
+@pytest.mark.real_data
 @pytest.mark.parametrize("pooling", ["cls", "pooler"])
 def test_cls_and_pooler_poolings_map_exactly(run_dir, tmp_path, pooling):
   """cls -> Pooling(cls); pooler -> Pooling(cls) + Dense(tanh) with the pooler's weights."""
@@ -154,6 +157,7 @@ def test_cls_and_pooler_poolings_map_exactly(run_dir, tmp_path, pooling):
   assert max(diffs.values()) <= TOLERANCE, diffs
 
 
+@pytest.mark.real_data
 def test_e5_small_encodes_like_text_embedder(tmp_path):
   # The converted model (converted once, ~/.cache or $HYBRID_JAX_MODELS), linked file by file into
   # a fresh directory that gets the sentence-transformers files: nothing changes in the cache.

@@ -36,9 +36,8 @@ import os
 from typing import Iterable, Sequence
 
 from hybrid_jax import errors
+from hybrid_jax.data import locations
 from hybrid_jax.data import records
-
-DATA_ENV_VAR = "HYBRID_JAX_DATA"
 
 
 class LareqaFormatError(errors.UserError):
@@ -73,20 +72,11 @@ class LareqaLanguage:
   candidates: list[Candidate]
 
 
-def default_data_root() -> str:
-  """Directory of the shared real data: $HYBRID_JAX_DATA, else ../shared/data beside the repo."""
-  if os.environ.get(DATA_ENV_VAR):
-    return os.environ[DATA_ENV_VAR]
-  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  return os.path.join(os.path.dirname(repo), "shared", "data")
-
-
 def available_languages(data_dir: str) -> list[str]:
   """Language codes of the `<lang>.json` files in a LAReQA directory, sorted."""
   if not os.path.isdir(data_dir):
-    raise LareqaFormatError(
-        f"LAReQA directory {data_dir!r} does not exist. Point --data_dir (or ${DATA_ENV_VAR}) at "
-        "a folder with one <lang>.json per language, e.g. ../shared/data/xquad-r.")
+    raise LareqaFormatError(locations.missing_message(
+        f"LAReQA directory {data_dir!r} (one <lang>.json per language) does not exist"))
   langs = sorted(f[:-5] for f in os.listdir(data_dir) if f.endswith(".json"))
   if not langs:
     raise LareqaFormatError(f"No <lang>.json files in LAReQA directory {data_dir!r}.")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from hybrid_jax.data import lareqa
+from hybrid_jax.data import locations
 from hybrid_jax.data import records
 from hybrid_jax.data import synthetic
 
@@ -19,10 +20,10 @@ SOURCES = ("synthetic", "lareqa", "jsonl", "tfds")
 
 
 def resolve_path(path: str) -> str:
-  """A path as given if it exists, else relative to the shared data root ($HYBRID_JAX_DATA)."""
+  """A path as given if it exists, else relative to the data directory (locations.data_root)."""
   if not path or os.path.exists(path) or os.path.isabs(path):
     return path
-  under_root = os.path.join(lareqa.default_data_root(), path)
+  under_root = os.path.join(locations.data_root(), path)
   return under_root if os.path.exists(under_root) else path
 
 

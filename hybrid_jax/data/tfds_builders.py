@@ -36,6 +36,7 @@ import tensorflow_datasets as tfds
 
 from hybrid_jax import errors
 from hybrid_jax.data import lareqa
+from hybrid_jax.data import locations
 from hybrid_jax.data import records
 from hybrid_jax.data import tf_runtime
 
@@ -72,8 +73,8 @@ def resolve_manual_dir(manual_dir: str, folder: str, languages: Sequence[str]) -
       f"manual_dir {manual_dir!r} holds neither the {folder} files "
       f"{[f'{lang}.json' for lang in languages]} nor a {folder}/ folder with them (found: "
       f"{found if found is not None else 'no such directory'}). Point manual_dir at the folder "
-      f"with the LAReQA files (e.g. ../shared/data/{folder}, or ../shared/data), fetched from "
-      f"{_HOMEPAGE}.")
+      f"with the LAReQA files (e.g. $HYBRID_JAX_DATA/{folder}, or $HYBRID_JAX_DATA); "
+      f"`{locations.FETCH_COMMAND}` downloads them from {_HOMEPAGE}.")
 
 
 class _LareqaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -178,9 +179,9 @@ def read_examples(dataset_builder: tfds.core.DatasetBuilder,
 
 def load_examples(name: str, data_dir: str = "", manual_dir: str = "",
                   with_context: bool = False) -> list[records.ParallelExample]:
-  """Prepares (from manual_dir, default the shared data root) if needed, then reads."""
+  """Prepares (from manual_dir, default the data directory) if needed, then reads."""
   dataset_builder = builder(name, data_dir, with_context)
-  prepare(dataset_builder, manual_dir or lareqa.default_data_root())
+  prepare(dataset_builder, locations.data_root(manual_dir))
   return read_examples(dataset_builder)
 
 
@@ -189,13 +190,14 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--datasets", default="xquad_r,mlqa_r", help="comma-separated names")
   parser.add_argument("--data_dir", default="", help="TFDS data_dir (default: TFDS's own)")
-  parser.add_argument("--manual_dir", default="", help="LAReQA files (default: shared data root)")
+  parser.add_argument("--manual_dir", default="", help="LAReQA files (default: "
+                      "$HYBRID_JAX_DATA, else ~/.cache/hybrid_jax/data)")
   parser.add_argument("--with_context", action="store_true", help="the with_context config")
   args = parser.parse_args(argv)
   try:
     for name in args.datasets.split(","):
       dataset_builder = builder(name.strip(), args.data_dir, args.with_context)
-      prepare(dataset_builder, args.manual_dir or lareqa.default_data_root())
+      prepare(dataset_builder, locations.data_root(args.manual_dir))
       print(f"{dataset_builder.info.full_name}: {dataset_builder.info.splits['train'].num_examples}"
             f" ids in {dataset_builder.data_dir}", file=sys.stderr)
   except errors.UserError as e:  # data and LAReQA-format errors: one line, no traceback

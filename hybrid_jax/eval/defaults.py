@@ -9,7 +9,7 @@ training by `hybrid_jax.eval.periodic.PeriodicEvaluation`:
                 ("en" | "query") (mkqa); both: corpus_store, store_shard_size, store_dtype,
                 trec_depth, search_dtype (search/corpus_eval.py CorpusEvaluator)
   dataset       lareqa: "xquad-r" | "mlqa-r"
-  data_dir      "" = $HYBRID_JAX_DATA/<dataset> (lareqa.default_data_root()); beir: required
+  data_dir      "" = $HYBRID_JAX_DATA/<dataset> (data/locations.py); beir: required
   languages     () = every <lang>.json in data_dir
   part          lareqa: "all" (default) | "test" | "train" of the held-out split given by
                 heldout_fraction / heldout_unit / heldout_seed (data/lareqa.py HeldoutSplit)

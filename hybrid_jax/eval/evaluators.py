@@ -20,13 +20,13 @@ the reverse.
 
 from __future__ import annotations
 
-import os
 import types
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from hybrid_jax.data import lareqa
+from hybrid_jax.data import locations
 from hybrid_jax.eval import collection as collection_lib
 from hybrid_jax.eval import grid_evaluator
 from hybrid_jax.eval import synthetic_eval
@@ -69,7 +69,7 @@ class LareqaEvaluator(GridEvaluator):
           f"LAReQA part {part!r} needs a held-out split with heldout_fraction > 0 (the run's "
           "data.heldout_fraction); part 'all' scores the whole directory")
     self.dataset = dataset
-    self.data_dir = data_dir or os.path.join(lareqa.default_data_root(), dataset)
+    self.data_dir = locations.dataset_dir(dataset, data_dir)
     self.languages = tuple(languages)
     self.candidate_context = candidate_context
     self.part = part

@@ -7,14 +7,13 @@ Flags only; the conversion (and what the corpus holds) is hybrid_jax/search/lare
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app
 from absl import flags
 
 from hybrid_jax import errors
-from hybrid_jax.data import lareqa
+from hybrid_jax.data import locations
 from hybrid_jax.search import lareqa_corpus
 
 _OUT = flags.DEFINE_string("out", None, "Output BEIR directory.", required=True)
@@ -26,9 +25,8 @@ _MLQA = flags.DEFINE_string("mlqa_dir", "", "MLQA-R directory (default $HYBRID_J
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  root = lareqa.default_data_root()
-  dirs = {"xquad-r": _XQUAD.value or os.path.join(root, "xquad-r"),
-          "mlqa-r": _MLQA.value or os.path.join(root, "mlqa-r")}
+  dirs = {"xquad-r": locations.dataset_dir("xquad-r", _XQUAD.value),
+          "mlqa-r": locations.dataset_dir("mlqa-r", _MLQA.value)}
   counts = errors.exit_on_user_error(lambda: lareqa_corpus.convert(_OUT.value, dirs))
   print(f"wrote {counts['passages']} passages, {counts['queries']} queries and "
         f"{counts['qrels']} qrels in {len(counts['languages'])} languages "

@@ -10,6 +10,7 @@ import pytest
 
 from hybrid_jax.data import convert
 from hybrid_jax.data import lareqa
+from hybrid_jax.data import locations
 from hybrid_jax.data import records
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -92,9 +93,10 @@ def test_mmarco_command_line(mmarco, tmp_path):
                                             mmarco["collection"], mmarco["triples"])
 
 
+@pytest.mark.real_data
 def test_lareqa_command_line_round_trips_through_the_jsonl_source(tmp_path):
   out = str(tmp_path / "mlqa.jsonl")
-  directory = os.path.join(lareqa.default_data_root(), "mlqa-r")
+  directory = os.path.join(locations.data_root(), "mlqa-r")
   _convert("--from=lareqa", f"--input={directory}", "--languages=de,en", f"--output={out}")
   written = records.read_jsonl(out)
   assert written == lareqa.training_examples(directory, ["de", "en"])

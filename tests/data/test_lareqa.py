@@ -12,6 +12,7 @@ import pytest
 
 from hybrid_jax.data import defaults
 from hybrid_jax.data import lareqa
+from hybrid_jax.data import locations
 from hybrid_jax.data import records
 from hybrid_jax.data import sources
 from hybrid_jax.eval import collection as collection_lib
@@ -92,10 +93,11 @@ def test_format_errors_name_the_file_and_place(tmp_path):
     lareqa.read_language(directory, "xx")
 
 
+@pytest.mark.real_data
 @pytest.mark.parametrize("dataset,counts,total_candidates", [
     ("xquad-r", XQUAD_R_COUNTS, 13014), ("mlqa-r", MLQA_R_COUNTS, 20534)])
 def test_real_files_have_the_source_md_counts(dataset, counts, total_candidates):
-  directory = os.path.join(lareqa.default_data_root(), dataset)
+  directory = os.path.join(locations.data_root(), dataset)
   parsed = lareqa.read_languages(directory)
   assert {lang: (len(p.questions), len(p.candidates)) for lang, p in parsed.items()} == counts
   assert sum(len(p.candidates) for p in parsed.values()) == total_candidates
@@ -104,11 +106,12 @@ def test_real_files_have_the_source_md_counts(dataset, counts, total_candidates)
     assert all(q.gold_uid in uids for q in p.questions)
 
 
+@pytest.mark.real_data
 @pytest.mark.parametrize("with_context", [False, True])
 def test_training_passages_and_eval_candidates_are_one_functions_text(with_context, monkeypatch):
   """On real XQuAD-R, the training source's positives and the eval collection's candidates are
   lareqa.candidate_text of the same candidates, so a model is evaluated on the text it trained on."""
-  directory = os.path.join(lareqa.default_data_root(), "xquad-r")
+  directory = os.path.join(locations.data_root(), "xquad-r")
   parsed = lareqa.read_languages(directory)
   expected = {c.uid: lareqa.candidate_text(c, with_context)
               for part in parsed.values() for c in part.candidates}
@@ -148,12 +151,13 @@ def _texts_of(examples):
   return out
 
 
+@pytest.mark.real_data
 @pytest.mark.parametrize("dataset,unit", [("mlqa-r", "article"), ("xquad-r", "article"),
                                           ("xquad-r", "paragraph")])
 def test_heldout_part_shares_no_article_and_no_text_with_training(dataset, unit):
   """On the real files: the test part is whole articles (paragraphs) in every language, about
   the asked share of ids, and training sees none of its questions, sentences or negatives."""
-  directory = os.path.join(lareqa.default_data_root(), dataset)
+  directory = os.path.join(locations.data_root(), dataset)
   split = lareqa.HeldoutSplit(0.2, unit)
   test_ids = lareqa.heldout_ids(directory, split)
   parsed = lareqa.read_languages(directory)
@@ -182,8 +186,9 @@ def test_heldout_part_shares_no_article_and_no_text_with_training(dataset, unit)
   assert shared <= train_sentences and all(len(t) < 20 for t in shared), sorted(shared)[:5]
 
 
+@pytest.mark.real_data
 def test_heldout_split_is_deterministic_and_seeded():
-  directory = os.path.join(lareqa.default_data_root(), "mlqa-r")
+  directory = os.path.join(locations.data_root(), "mlqa-r")
   first = lareqa.heldout_ids(directory, lareqa.HeldoutSplit(0.2))
   # Another process (no cache, another hash seed) holds out the same ids.
   code = ("import sys; from hybrid_jax.data import lareqa; print(' '.join(sorted("
@@ -227,11 +232,12 @@ def test_heldout_groups_follow_shared_articles_across_languages(tmp_path):
     assert train
 
 
+@pytest.mark.real_data
 def test_heldout_training_source_and_errors(tmp_path):
   config = defaults.data_config(real_data=True, prefixes=PREFIXES)
   config.heldout_fraction = 0.2
   corpus = sources.load_corpus(config)
-  test_ids = lareqa.heldout_ids(os.path.join(lareqa.default_data_root(), "mlqa-r"),
+  test_ids = lareqa.heldout_ids(os.path.join(locations.data_root(), "mlqa-r"),
                                 lareqa.HeldoutSplit(0.2))
   assert not set(corpus.ids) & test_ids and len(corpus.ids) == 1148 - len(test_ids)
   assert "train part: 0.2 of the ids held out by article" in corpus.source
@@ -239,4 +245,4 @@ def test_heldout_training_source_and_errors(tmp_path):
   with pytest.raises(records.DataError, match="only data.source='lareqa' knows"):
     sources.load_corpus(config)
   with pytest.raises(lareqa.LareqaFormatError, match="needs a held-out split"):
-    lareqa.read_part(os.path.join(lareqa.default_data_root(), "mlqa-r"), None, None, "test")
+    lareqa.read_part(os.path.join(locations.data_root(), "mlqa-r"), None, None, "test")

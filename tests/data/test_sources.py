@@ -12,6 +12,7 @@ import pytest
 
 from hybrid_jax.data import defaults
 from hybrid_jax.data import lareqa
+from hybrid_jax.data import locations
 from hybrid_jax.data import records
 from hybrid_jax.data import sampler as sampler_lib
 from hybrid_jax.data import sources
@@ -20,7 +21,7 @@ import train_helpers
 
 PREFIXES = presets.PAPER_PREFIXES
 
-DATA_ROOT = lareqa.default_data_root()
+DATA_ROOT = locations.data_root()
 
 
 def _raw_id_languages(dataset: str) -> set[tuple[str, str]]:
@@ -46,6 +47,7 @@ def mlqa_corpus(mlqa_config):
   return sources.load_corpus(mlqa_config)
 
 
+@pytest.mark.real_data
 def test_default_real_data_config_reads_mlqa_r_with_the_source_md_counts(mlqa_corpus):
   assert mlqa_corpus.source == os.path.join(DATA_ROOT, "mlqa-r")
   assert mlqa_corpus.languages == ("ar", "de", "en", "es", "hi", "vi", "zh")
@@ -57,6 +59,7 @@ def test_default_real_data_config_reads_mlqa_r_with_the_source_md_counts(mlqa_co
   assert int(mlqa_corpus.presence.sum()) == 4199
 
 
+@pytest.mark.real_data
 def test_xquad_r_is_fully_parallel():
   config = defaults.data_config(real_data=True, prefixes=PREFIXES)
   config.path = "xquad-r"
@@ -68,6 +71,7 @@ def test_xquad_r_is_fully_parallel():
   assert not np.any(corpus.negatives == corpus.positives)
 
 
+@pytest.mark.real_data
 @pytest.mark.parametrize("batch_type,alpha", [("mono", 0.5), ("xy", 0.5), ("mixed", 0.5),
                                               ("hybrid", 0.5)])
 def test_mlqa_r_ids_are_only_paired_in_languages_they_have(mlqa_config, mlqa_corpus, batch_type,
@@ -125,6 +129,7 @@ def test_duplicate_question_id_in_a_lareqa_file(tmp_path):
     lareqa.training_examples(str(tmp_path))
 
 
+@pytest.mark.real_data
 def test_lareqa_config_errors(mlqa_config):
   config = mlqa_config.copy_and_resolve_references()
   config.languages = ("en", "el")
@@ -148,7 +153,7 @@ def test_jsonl_source_and_relative_paths(tmp_path, monkeypatch):
                                                 "de": records.LanguageTexts(f"Q{i}", f"P{i}")})
               for i in range(5)]
   records.write_jsonl(str(tmp_path / "pairs.jsonl"), examples)
-  monkeypatch.setenv(lareqa.DATA_ENV_VAR, str(tmp_path))
+  monkeypatch.setenv(locations.DATA_ENV_VAR, str(tmp_path))
   config = defaults.data_config(prefixes=PREFIXES)
   config.source, config.path = "jsonl", "pairs.jsonl"  # relative: found under $HYBRID_JAX_DATA
   corpus = sources.load_corpus(config)

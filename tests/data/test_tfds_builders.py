@@ -11,6 +11,7 @@ import pytest
 
 from hybrid_jax.data import defaults
 from hybrid_jax.data import lareqa
+from hybrid_jax.data import locations
 from hybrid_jax.data import passage_ids
 from hybrid_jax.data import records
 from hybrid_jax.data import sources
@@ -19,7 +20,7 @@ from hybrid_jax.models import presets
 
 PREFIXES = presets.PAPER_PREFIXES
 
-ROOT = lareqa.default_data_root()
+ROOT = locations.data_root()
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,7 @@ def _assert_same_as_lareqa_reader(examples, dataset):
   assert np.array_equal(ours.negative, theirs.negative)
 
 
+@pytest.mark.real_data
 def test_xquad_r_records(xquad):
   assert xquad.info.splits["train"].num_examples == 1190
   examples = tfds_builders.read_examples(xquad)
@@ -66,6 +68,7 @@ def test_xquad_r_records(xquad):
   assert xquad.info.full_name == "xquad_r/sentence/1.0.0"
 
 
+@pytest.mark.real_data
 def test_mlqa_r_records(mlqa):
   assert mlqa.info.splits["train"].num_examples == 1148
   examples = tfds_builders.read_examples(mlqa)
@@ -77,6 +80,7 @@ def test_mlqa_r_records(mlqa):
                           "zh": 504}
 
 
+@pytest.mark.real_data
 def test_tfds_source_gives_the_same_corpus_as_the_lareqa_source(mlqa, data_dir):
   config = defaults.data_config(real_data=True, prefixes=PREFIXES)  # lareqa, mlqa-r
   config.languages = ("en", "de", "zh")
@@ -91,6 +95,7 @@ def test_tfds_source_gives_the_same_corpus_as_the_lareqa_source(mlqa, data_dir):
   assert corpus.source == f"TFDS mlqa_r ({data_dir})"
 
 
+@pytest.mark.real_data
 def test_with_context_config_is_prepared_on_demand(data_dir):
   config = defaults.data_config(real_data=True, prefixes=PREFIXES)
   config.passage_with_context = True
@@ -116,6 +121,7 @@ def test_missing_manual_files_and_unknown_names_are_clear_errors(tmp_path):
     tfds_builders.builder("squad")
 
 
+@pytest.mark.real_data
 def test_command_line_reports_prepared_datasets(mlqa, data_dir, capsys):
   tfds_builders.main(["--datasets=mlqa_r", f"--data_dir={data_dir}"])
   assert "mlqa_r/sentence/1.0.0: 1148 ids" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import pytest
 import tokenizers
 from tokenizers import models, pre_tokenizers, processors
 
+from hybrid_jax.data import locations
 from hybrid_jax.data import tokenization
 
 
@@ -111,11 +112,7 @@ def _xquad_r_texts() -> list[str]:
   """Questions and candidate sentences of all 11 XQuAD-R languages: every question with leading or
   trailing whitespace (the issue's case) and every sentence with a run of spaces, up to a cap per
   language, plus the first ones of each."""
-  from hybrid_jax.data import lareqa  # pylint: disable=g-import-not-at-top
-  data_dir = os.path.join(lareqa.default_data_root(), "xquad-r")
-  if not os.path.isfile(os.path.join(data_dir, "de.json")):
-    pytest.fail(f"real data missing: no XQuAD-R at {data_dir}; set $HYBRID_JAX_DATA to the folder "
-                "holding xquad-r/ (see its SOURCE.md)")
+  data_dir = locations.dataset_dir("xquad-r")
   texts = []
   for name in sorted(os.listdir(data_dir)):
     if not name.endswith(".json"):
@@ -262,6 +259,7 @@ def _mismatches(ours: list, reference: list, texts: list) -> list:
           if list(map(int, a)) != list(b)]
 
 
+@pytest.mark.real_data
 @pytest.mark.parametrize("kind", KINDS)
 def test_token_ids_match_transformers(kind, tokenizer_dirs, parity_texts):
   ours, reference = _load_both(tokenizer_dirs, kind)
@@ -275,6 +273,7 @@ def test_token_ids_match_transformers(kind, tokenizer_dirs, parity_texts):
                        f"prefix {prefix!r}); first: {bad[:3]}")
 
 
+@pytest.mark.real_data
 @pytest.mark.parametrize("kind", KINDS)
 def test_padded_batches_match_transformers(kind, tokenizer_dirs, parity_texts):
   """encode(): ids, attention masks and lengths equal AutoTokenizer's padded ones, both ways of
@@ -295,6 +294,7 @@ def test_padded_batches_match_transformers(kind, tokenizer_dirs, parity_texts):
   np.testing.assert_array_equal(bucketed.attention_mask, expected["attention_mask"])
 
 
+@pytest.mark.real_data
 def test_the_texts_exercise_the_rebuild(tokenizer_dirs, parity_texts):
   """tokenizer.json's own pipeline (what hybrid_jax used before) differs from AutoTokenizer on
   these texts, so the parity tests above would catch a return to it."""
@@ -308,6 +308,7 @@ def test_the_texts_exercise_the_rebuild(tokenizer_dirs, parity_texts):
     assert len(bad) >= expected_min, (kind, len(bad))
 
 
+@pytest.mark.real_data
 def test_saved_tokenizer_keeps_transformers_ids(tokenizer_dirs, parity_texts, tmp_path):
   """save() writes the rebuilt pipeline: reloaded by us or by AutoTokenizer, the ids stay."""
   import transformers  # pylint: disable=g-import-not-at-top
@@ -321,6 +322,7 @@ def test_saved_tokenizer_keeps_transformers_ids(tokenizer_dirs, parity_texts, tm
   assert from_saved(parity_texts)["input_ids"] == expected
 
 
+@pytest.mark.real_data
 def test_e5_issue_text_embeds_like_pytorch(e5_dir, tokenizer_dirs):
   """The issue: a trailing space gave cosine 0.9969 to PyTorch's embedding; now the same vector."""
   import torch  # pylint: disable=g-import-not-at-top
@@ -365,6 +367,7 @@ def test_classes_we_do_not_rebuild_warn(model_dir):
     np.testing.assert_array_equal(tok.token_ids(["a b"], 8)[0], [2, 4, 5, 3])
 
 
+@pytest.mark.real_data
 def test_special_token_missing_from_vocabulary(tokenizer_dirs, tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top
   broken = tmp_path / "broken"
@@ -374,6 +377,7 @@ def test_special_token_missing_from_vocabulary(tokenizer_dirs, tmp_path):
     tokenization.Tokenizer.from_dir(str(broken))
 
 
+@pytest.mark.real_data
 @pytest.mark.parametrize("kind, model_changes", [
     ("xlm-r", {"unk_id": 1}),  # XLMRobertaTokenizer hard-codes unk_id 3
     ("labse-cased", {"max_input_chars_per_word": 12, "unk_token": "[MASK]"}),  # Bert: 100, [UNK]
@@ -397,8 +401,3 @@ def test_model_settings_the_class_hard_codes(kind, model_changes, tokenizer_dirs
   ours = tokenization.Tokenizer.from_dir(str(edited))
   assert not _mismatches(ours.token_ids(parity_texts, 512), expected, parity_texts)
 
-
-def test_missing_real_data_fails_naming_the_variable(monkeypatch, tmp_path):
-  monkeypatch.setenv("HYBRID_JAX_DATA", str(tmp_path))
-  with pytest.raises(pytest.fail.Exception, match=r"\$HYBRID_JAX_DATA"):
-    _xquad_r_texts()

@@ -8,15 +8,14 @@ import os
 import numpy as np
 
 from hybrid_jax.data import lareqa
+from hybrid_jax.data import locations
 from hybrid_jax.eval import collection as collection_lib
 from hybrid_jax.eval import metrics as metrics_lib
 
 
 def data_dir(dataset: str) -> str:
-  path = os.path.join(lareqa.default_data_root(), dataset)
-  assert os.path.isdir(path), (
-      f"real data missing at {path}: set $HYBRID_JAX_DATA to the folder holding xquad-r/ mlqa-r/")
-  return path
+  """The real dataset's folder (tests that call this carry the `real_data` marker)."""
+  return locations.dataset_dir(dataset)
 
 
 def exact_embeddings(collection: collection_lib.Collection, seed: int = 0, dim: int = 12,

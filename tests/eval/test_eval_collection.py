@@ -26,6 +26,7 @@ def _ids_per_language(dataset):
   return ids
 
 
+@pytest.mark.real_data
 def test_xquad_counts_and_grid(xquad_scored):
   col = xquad_scored.collection
   assert (col.num_queries, col.num_candidates) == (13_090, 13_014)
@@ -50,6 +51,7 @@ def test_xquad_counts_and_grid(xquad_scored):
   assert summary["monolingual"]["map"] == pytest.approx(np.mean(list(mono.values())))
 
 
+@pytest.mark.real_data
 def test_mlqa_counts_and_skipped_queries(mlqa_scored):
   col = mlqa_scored.collection
   assert (col.num_queries, col.num_candidates) == (4_199, 20_534)
@@ -69,6 +71,7 @@ def test_mlqa_counts_and_skipped_queries(mlqa_scored):
   assert results["summary"]["multilingual"]["num_queries"] == 4_199
 
 
+@pytest.mark.real_data
 def test_language_subset_and_candidate_context():
   col = collection_lib.from_lareqa(data_dir("xquad-r"), ["en", "de"], candidate_context=True)
   assert col.languages == ["en", "de"]
@@ -86,6 +89,7 @@ def _write_lareqa(directory, lang, paragraphs):
     json.dump({"data": [{"title": "t", "paragraphs": paragraphs}]}, f)
 
 
+@pytest.mark.real_data
 def test_lareqa_errors_are_clear(tmp_path):
   with pytest.raises(collection_lib.CollectionError, match=r"'xx'.*Languages present.*'ar'"):
     collection_lib.from_lareqa(data_dir("xquad-r"), ["ar", "xx"])

@@ -49,6 +49,7 @@ CASES = [
 ]
 
 
+@pytest.mark.real_data
 @pytest.mark.parametrize("dataset,query_lang,candidate_lang,max_queries", CASES)
 def test_per_query_metrics_match_trec_eval(dataset, query_lang, candidate_lang, max_queries,
                                            request):
@@ -72,6 +73,7 @@ def test_per_query_metrics_match_trec_eval(dataset, query_lang, candidate_lang, 
   assert abs(mean_trec - mean_ours) <= 1e-6 and 0.02 < mean_ours < 0.98
 
 
+@pytest.mark.real_data
 def test_setting_means_match_trec_eval_means(xquad_scored):
   """results.json setting entries = mean over the setting's queries of trec_eval's values."""
   results = grid_lib.summarize(xquad_scored.collection, xquad_scored.per_query)
@@ -177,6 +179,7 @@ def test_ties_are_broken_against_relevant_candidates():
   assert pq.values["recall@1"][1, 0] == 0.0
 
 
+@pytest.mark.real_data
 def test_sharded_and_chunked_scoring_match_single_device(mlqa_scored):
   """8-device mesh with default chunks vs 1 device with tiny chunks: identical per-query values."""
   col = mlqa_scored.collection

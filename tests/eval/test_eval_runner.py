@@ -97,6 +97,7 @@ def oracle_run(subset, tmp_path_factory):
   return out, result
 
 
+@pytest.mark.real_data
 def test_evaluate_embeddings_cli_writes_every_report(oracle_run):
   out, result = oracle_run
   with open(out / "results.json", encoding="utf-8") as f:
@@ -130,6 +131,7 @@ def test_evaluate_embeddings_cli_writes_every_report(oracle_run):
   assert meta["num_queries"] == 3570 and meta["embedding_dim"] == 1190 + 8
 
 
+@pytest.mark.real_data
 def test_compare_cli_on_two_runs(oracle_run, subset, tmp_path):
   """B = noisy embeddings: worse everywhere and significantly so; A vs A: no difference, p = 1."""
   oracle_out, _ = oracle_run
@@ -156,6 +158,7 @@ def test_compare_cli_on_two_runs(oracle_run, subset, tmp_path):
     significance.compare(str(oracle_out), str(tmp_path / "nowhere"))
 
 
+@pytest.mark.real_data
 def test_evaluate_model_cli_export_and_cache(subset, tmp_path, capsys):
   """`--model` on a tiny random model; its exported embeddings score the same via --embeddings.
 
@@ -199,6 +202,7 @@ def test_evaluate_model_cli_export_and_cache(subset, tmp_path, capsys):
   assert "embedding queries" not in err and cached == from_model
 
 
+@pytest.mark.real_data
 def test_clear_errors(subset, tmp_path):
   with pytest.raises(runner.EvaluateUsageError, match=r"exactly one source"):
     runner.run(runner.RunOptions(model="a", embeddings="b", show_progress=False))
@@ -241,6 +245,7 @@ def test_missing_directories_are_user_errors(tmp_path):
                                  show_progress=False))
 
 
+@pytest.mark.real_data
 def test_evaluate_workdir_source(subset, tmp_path):
   """--workdir: parameters read by checkpointing.load_params score like the same model's
   Hugging Face directory (checked on en->en, which no other language affects)."""
@@ -275,6 +280,7 @@ def test_evaluate_workdir_source(subset, tmp_path):
     runner.run(dataclasses.replace(options, step="7"))
 
 
+@pytest.mark.real_data
 def test_heldout_test_part_through_the_runner(subset, tmp_path):
   """--part=test scores only the held-out articles: their queries against their sentences, with
   the split from the flags or from the run's config.data; the oracle stays perfect there."""

@@ -8,13 +8,13 @@ import os
 import pytest
 
 from hybrid_jax.data import lareqa
+from hybrid_jax.data import locations
 from hybrid_jax.eval import collection as collection_lib
 from hybrid_jax.search import beir_eval
 from hybrid_jax.search import lareqa_corpus
 
-ROOT = lareqa.default_data_root()
-pytestmark = pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, "mlqa-r")),
-                                reason="the shared LAReQA data is not on this machine")
+ROOT = locations.data_root()
+pytestmark = pytest.mark.real_data
 
 
 def test_converted_corpus_holds_both_datasets_with_lareqa_relevance(tmp_path):
