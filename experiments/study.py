@@ -257,13 +257,15 @@ class Study:
 
 
 def unseen_languages(evaluated: str, trained: str) -> tuple[str, ...]:
-  """Languages of dataset `evaluated` that dataset `trained` has no file for."""
-  from hybrid_jax.data import lareqa  # pylint: disable=g-import-not-at-top
-  from hybrid_jax.data import locations  # pylint: disable=g-import-not-at-top
+  """Languages of dataset `evaluated` that dataset `trained` has no file for.
+
+  Read from the fetch registry, not the data folder, so planning (--list) works before the data
+  is fetched; tests check that the registry and the files agree.
+  """
+  from hybrid_jax.data import fetch  # pylint: disable=g-import-not-at-top
   from hybrid_jax.eval import grid_evaluator  # pylint: disable=g-import-not-at-top
-  languages = lambda name: lareqa.available_languages(
-      locations.dataset_dir(name))
-  return grid_evaluator.unseen_languages(languages(evaluated), languages(trained))
+  return grid_evaluator.unseen_languages(fetch.DATASETS[evaluated].languages,
+                                         fetch.DATASETS[trained].languages)
 
 
 def select(only: str) -> list[Run]:
@@ -306,4 +308,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  from hybrid_jax import errors  # pylint: disable=g-import-not-at-top
+  errors.exit_on_user_error(main)

@@ -16,7 +16,7 @@
 #   CHECKPOINT_SECONDS [300]: how long before the time limit the job checkpoints and requeues
 #   SHARED_FILESYSTEM [1]: WORKDIR is on a filesystem every node mounts (NFS, Lustre); with
 #     NODES > 1 and a local-looking path this passes --config.train.shared_filesystem=True
-#   HYBRID_JAX_DATA: passed on to the job when set (where configs find ../shared/data)
+#   HYBRID_JAX_DATA: passed on to the job when set (the data directory; see hybrid_jax/data/locations.py)
 #
 # How a multi-node run starts: the batch script runs `srun ... python -m hybrid_jax.train
 # --distributed ...`, one task per node. --distributed calls jax.distributed.initialize(), which

@@ -5,7 +5,7 @@
 #
 #   launch/tpu.sh create                      # create the TPU VM
 #   launch/tpu.sh setup                       # copy this checkout (git HEAD) to every worker, install
-#   launch/tpu.sh data DIR                    # copy a data directory (e.g. ../shared/data) to workers
+#   launch/tpu.sh data DIR                    # copy a data directory (e.g. ~/.cache/hybrid_jax/data) to workers
 #   launch/tpu.sh train CONFIG WORKDIR [ARGS] # start training on all workers (background, logged)
 #   launch/tpu.sh evaluate WORKDIR [ARGS]     # evaluate a run on worker 0 (foreground)
 #   launch/tpu.sh logs [WORKER]               # tail a worker's training log (default 0)

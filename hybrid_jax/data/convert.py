@@ -1,7 +1,7 @@
 r"""Converts LAReQA directories and mMARCO-style TSV files to the parallel-examples JSONL format.
 
     # LAReQA (XQuAD-R / MLQA-R): query -> gold sentence (+ paragraph), neighbour sentence negative
-    python -m hybrid_jax.data.convert --from=lareqa --input=../shared/data/mlqa-r \
+    python -m hybrid_jax.data.convert --from=lareqa --input=~/.cache/hybrid_jax/data/mlqa-r \
         --output=/tmp/mlqa_r.jsonl [--languages=en,de,es] [--with_context]
 
     # mMARCO-style: per-language queries and collection TSVs sharing ids, one id triples file

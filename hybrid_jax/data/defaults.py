@@ -3,7 +3,8 @@
 Two defaults: the built-in synthetic data (`:runlocal`, demos, tests) and, with `real_data=True`,
 the real parallel QA pairs available offline: MLQA-R (7 languages, 1148 ids in 2-4 languages each)
 as the training set, so that XQuAD-R (different articles) stays unseen for evaluation
-(../shared/data/README.md: no dedicated training set exists here). MLQA-R is CC BY-NC 4.0.
+(LAReQA has no dedicated training set). MLQA-R is CC BY-NC 4.0. Both come from
+`python -m hybrid_jax.data.fetch` (data/fetch.py) and are read by the rule in data/locations.py.
 """
 
 import ml_collections

@@ -64,6 +64,11 @@ class Dataset:
   note: str
   files: tuple[RemoteFile, ...]
 
+  @property
+  def languages(self) -> tuple[str, ...]:
+    """The languages with a file, known without the data (e.g. for planning a study)."""
+    return tuple(sorted(f.name[:-len(".json")] for f in self.files if f.name.endswith(".json")))
+
   def url(self, remote: RemoteFile, base_url: str = DEFAULT_BASE_URL) -> str:
     return f"{base_url.rstrip('/')}/{self.commit}/{remote.path}"
 

@@ -10,15 +10,15 @@ neighbouring sentence). Builder configs: "sentence" (default, passage = the gold
 "with_context" (passage = sentence + " " + its paragraph, LAReQA's candidate encoding). One split,
 "train", holds every id in file order (shuffling disabled); hybrid_jax takes its validation ids out
 by id hash later, as for every source. Both sets are evaluation sets upstream: train on one, evaluate
-on the other (../shared/data/README.md).
+on the other.
 
-manual_dir is the folder with the `<lang>.json` files (e.g. ../shared/data/mlqa-r) or a folder with
-an `xquad-r/` / `mlqa-r/` subfolder (e.g. ../shared/data), so one manual_dir serves both builders.
+manual_dir is the folder with the `<lang>.json` files (e.g. ~/.cache/hybrid_jax/data/mlqa-r) or a folder
+with an `xquad-r/` / `mlqa-r/` subfolder (e.g. the data directory of data/locations.py), so one manual_dir serves both builders.
 
 Prepare once (one process; on a pod before training, into a shared data_dir):
 
     python -m hybrid_jax.data.tfds_builders --datasets=xquad_r,mlqa_r \
-        --data_dir=~/tensorflow_datasets --manual_dir=../shared/data
+        --data_dir=~/tensorflow_datasets --manual_dir=~/.cache/hybrid_jax/data
 
 and train from them with `--config.data.source=tfds --config.data.path=mlqa_r`
 (`config.data.tfds_data_dir`; a dataset not yet prepared is prepared from

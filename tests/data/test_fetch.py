@@ -17,6 +17,7 @@ import time
 import pytest
 
 from hybrid_jax.data import fetch
+from hybrid_jax.data import lareqa
 from hybrid_jax.data import locations
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -221,3 +222,5 @@ def test_real_data_matches_the_recorded_checksums_and_fetches_from_a_mirror(tmp_
   assert "CC BY-NC 4.0" in (tmp_path / "data" / "mlqa-r" / "SOURCE.md").read_text()
   assert "Attribution-NonCommercial" in (tmp_path / "data" / "mlqa-r" / "LICENSE").read_text()
   assert "Attribution-ShareAlike" in (tmp_path / "data" / "xquad-r" / "LICENSE").read_text()
+  for dataset in datasets:  # the registry's languages (used to plan the study) are the files'
+    assert list(dataset.languages) == lareqa.available_languages(os.path.join(root, dataset.name))
