@@ -1,11 +1,25 @@
-r"""Compares two evaluation output directories per setting, with paired significance tests.
+r"""Compares evaluation output directories per setting, with significance tests.
 
-    python -m hybrid_jax.compare RUN_A RUN_B [--metric=map] [--permutations=10000] [--seed=0]
+    python -m hybrid_jax.compare RUN_A RUN_B [--metric=map] [--cluster=question|query]
+    python -m hybrid_jax.compare A_seed0,A_seed1,A_seed2 B_seed0,B_seed1,B_seed2
 
-RUN_A and RUN_B are output directories of `python -m hybrid_jax.evaluate` on the same dataset
-and languages (they hold results.json and per_query.npz). Prints, for the three summaries and
-every setting, A, B, B - A and the two-sided p-value of a paired permutation (sign-flip) test
-over queries (hybrid_jax/eval/significance.py), plus Holm-adjusted p-values over the settings.
+Each RUN is an output directory of `python -m hybrid_jax.evaluate` on the same dataset, part and
+languages (it holds results.json and per_query.npz). Prints, for the three summaries and every
+setting, A, B, B - A, the two-sided p-value and the Holm-adjusted p-value over the rows printed
+(the family the report shows). A p-value at its Monte-Carlo floor is printed as a bound, e.g.
+"<=0.0001" for 10,000 draws. The tests (hybrid_jax/eval/significance.py) answer different
+questions:
+
+- One run per side: "is checkpoint B better than checkpoint A on these questions?" A paired
+  sign-flip test. `--cluster=question` (default) flips all query languages of a question id
+  together (LAReQA grids, their held-out parts, MKQA example ids): translations share their gold
+  sentences and move together. `--cluster=query` flips each query alone, which treats
+  translations as independent and over-rejects on LAReQA; it is kept for comparison.
+- Comma-separated runs per side (one evaluation directory per training seed): "is strategy B
+  better than strategy A, over training seeds and questions?" The difference of the seed means
+  with a 95% interval and p from a two-level bootstrap-t that resamples seeds (within each side)
+  and question clusters, so training noise is inside the interval. A side of one run is treated
+  as a fixed model without training noise (e.g. the zero-shot model).
 """
 
 from __future__ import annotations
@@ -22,23 +36,41 @@ _METRIC = flags.DEFINE_enum(
     "metric", "map", ["map", "mrr", "recall@1", "recall@10", "recall@100", "ndcg@10",
                       "rank_distance", "recall@20"],
     "Per-query metric to compare (MKQA runs hold recall@20 and recall@100: answer recall).")
-_PERMUTATIONS = flags.DEFINE_integer("permutations", 10_000, "Random sign flips per test.")
+_PERMUTATIONS = flags.DEFINE_integer(
+    "permutations", 10_000, "Random sign flips per test (one run per side; all patterns are "
+    "enumerated when there are fewer), or bootstrap resamples (several runs per side).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the permutations (results are reproducible).")
-_SUMMARY_ONLY = flags.DEFINE_bool("summary_only", False, "Print only the three summaries.")
+_CLUSTER = flags.DEFINE_enum(
+    "cluster", "question", list(significance.CLUSTER_UNITS),
+    "Unit of randomisation: question (all languages of a question id together; the default) or "
+    "query (each query alone, which ignores that translations move together).")
+_SUMMARY_ONLY = flags.DEFINE_bool(
+    "summary_only", False, "Print (and Holm-adjust over) only the three summaries.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", "", "Also write the rows to this JSON file.")
+
+
+def _runs(arg: str) -> list[str]:
+  return [d for d in (part.strip() for part in arg.split(",")) if d]
 
 
 def main(argv):
   if len(argv) != 3:
-    raise app.UsageError("usage: python -m hybrid_jax.compare RUN_A RUN_B [--metric=map]")
-  dir_a, dir_b = argv[1], argv[2]
+    raise app.UsageError("usage: python -m hybrid_jax.compare RUN_A RUN_B [--metric=map], or "
+                         "A_seed0,A_seed1,... B_seed0,B_seed1,... (one directory per seed)")
+  dirs_a, dirs_b = _runs(argv[1]), _runs(argv[2])
   rows = errors.exit_on_user_error(lambda: significance.compare(
-      dir_a, dir_b, _METRIC.value, _PERMUTATIONS.value, _SEED.value))
-  if _SUMMARY_ONLY.value:
-    rows = [r for r in rows if r.kind == "summary"]
-  print(significance.format_rows(rows, _METRIC.value, dir_a, dir_b))
-  print(f"p: two-sided paired permutation test over queries ({_PERMUTATIONS.value} sign flips, "
-        f"seed {_SEED.value}); * p < 0.05; p(Holm) adjusts over the per-setting tests.")
+      dirs_a, dirs_b, _METRIC.value, _PERMUTATIONS.value, _SEED.value, _CLUSTER.value,
+      summary_only=_SUMMARY_ONLY.value))
+  print(significance.format_rows(rows, _METRIC.value, ",".join(dirs_a), ",".join(dirs_b)))
+  seed_aware = len(dirs_a) > 1 or len(dirs_b) > 1
+  question = ("is strategy B better than A, over training seeds and questions? A and B are seed "
+              "means; the interval is the 95% two-level bootstrap-t interval of B - A"
+              if seed_aware else "is checkpoint B better than checkpoint A on these questions?")
+  fixed = [side for side, dirs in (("A", dirs_a), ("B", dirs_b)) if seed_aware and len(dirs) == 1]
+  print(f"p: {rows[0].method}; two-sided; * p < 0.05; p(Holm) adjusts over the {len(rows)} "
+        f"tests shown. Question answered: {question}."
+        + (f" {' and '.join(fixed)}: one run, taken as a fixed model without training noise."
+           if fixed else ""))
   if _OUTPUT_JSON.value:
     with open(_OUTPUT_JSON.value, "w", encoding="utf-8") as f:
       json.dump([dict(r.__dict__, diff=r.diff) for r in rows], f, indent=1)

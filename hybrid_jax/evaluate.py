@@ -95,6 +95,11 @@ _GROUPS = flags.DEFINE_string(
     "train on) is added unless given here; a --model has no training languages to derive it from.")
 _NORMALIZE = flags.DEFINE_bool("normalize", True,
                                "L2-normalise embeddings before scoring (cosine similarity).")
+_CENTER = flags.DEFINE_bool(
+    "center_languages", False, "Training-free language-bias baseline: subtract each language's "
+    "mean query embedding from its queries and mean candidate embedding from its candidates "
+    "(means of the evaluated collection itself, no labels), re-normalise, then score. LAReQA "
+    "and synthetic only; the default output directory gets a -centered suffix.")
 
 
 def main(argv):
@@ -114,7 +119,8 @@ def main(argv):
       query_prefix=_QUERY_PREFIX.value, passage_prefix=_PASSAGE_PREFIX.value,
       query_max_length=_QUERY_LEN.value, passage_max_length=_PASSAGE_LEN.value,
       batch_size=_BATCH.value, pooling=_POOLING.value, dtype=_DTYPE.value,
-      groups=runner.parse_groups(_GROUPS.value), normalize=_NORMALIZE.value)
+      groups=runner.parse_groups(_GROUPS.value), normalize=_NORMALIZE.value,
+      center_languages=_CENTER.value)
   # User-caused problems (flags, paths, data) are errors.UserError: one "error:" line, status 2.
   # Anything else keeps its traceback: it is a bug to report, not a setting to change.
   errors.exit_on_user_error(lambda: runner.run(options, argv=sys.argv))

@@ -9,6 +9,13 @@ imports none of them, so that every subclass module can import it without a circ
 `embed_fn(texts, prefix) -> np.ndarray [N, D] float32`: the texts in order, the prefix ("Query: ",
 "Passage: ") to prepend. The collection is read lazily, on the first use. Embeddings are
 L2-normalised before scoring (cosine similarity, PAPER.md) unless `normalize=False`.
+
+`center_languages=True` is a training-free baseline for language bias (the LIR / SHIFT family of
+post-hoc methods): after normalising, each language's mean query embedding is subtracted from its
+queries and each language's mean candidate embedding from its candidates, and the rows are
+normalised again before scoring. The means come from the scored collection's own queries and
+candidates (unsupervised: no relevance labels are read), so they are the evaluated part's (e.g.
+the held-out articles of `--part=test`); results.json records `center_languages`.
 """
 
 from __future__ import annotations
@@ -53,6 +60,20 @@ def _check_embeddings(x: np.ndarray, n: int, kind: str) -> np.ndarray:
   return x
 
 
+def center_by_language(emb: np.ndarray, langs: Sequence[str]) -> np.ndarray:
+  """[N, D] rows minus the mean row of their language (means accumulated in float64).
+
+  Removes what all texts of a language share (the direction that makes same-language texts
+  look alike), keeping what distinguishes them. A language with one row centres it to zero."""
+  emb = np.asarray(emb, np.float32)
+  langs = np.asarray([str(lang) for lang in langs])
+  names, index = np.unique(langs, return_inverse=True)
+  sums = np.zeros((len(names), emb.shape[1]))
+  np.add.at(sums, index, emb.astype(np.float64))
+  means = sums / np.bincount(index, minlength=len(names))[:, None]
+  return (emb - means[index]).astype(np.float32)
+
+
 UNSEEN_GROUP = "unseen"
 
 
@@ -74,7 +95,8 @@ class GridEvaluator:
                query_prefix: str = "Query: ", passage_prefix: str = "Passage: ",
                groups: Mapping[str, Sequence[str]] | None = None, normalize: bool = True,
                mesh=None, show_progress: bool = True,
-               training_languages: Sequence[str] | None = None):
+               training_languages: Sequence[str] | None = None,
+               center_languages: bool = False):
     self._collection = collection
     # The languages the scored model was fine-tuned on (None: unknown, e.g. a zero-shot model):
     # with them, the summaries also average over an "unseen" group (language_groups()).
@@ -83,6 +105,7 @@ class GridEvaluator:
     self.passage_prefix = passage_prefix
     self.groups = {k: tuple(v) for k, v in (groups or {}).items()}
     self.normalize = normalize
+    self.center_languages = center_languages  # subtract per-language means (module docstring)
     self.mesh = mesh
     self.show_progress = show_progress
 
@@ -183,10 +206,20 @@ class GridEvaluator:
     if self.normalize:
       query_emb, candidate_emb = (embeddings_io.normalize_rows(query_emb),
                                   embeddings_io.normalize_rows(candidate_emb))
+    if self.center_languages:
+      # Queries and candidates separately: they carry different prefixes, so a language's
+      # queries and its candidates sit around different means.
+      query_emb = center_by_language(query_emb, col.query_langs)
+      candidate_emb = center_by_language(candidate_emb, col.candidate_langs)
+      if self.normalize:
+        query_emb, candidate_emb = (embeddings_io.normalize_rows(query_emb),
+                                    embeddings_io.normalize_rows(candidate_emb))
     per_query = metrics_lib.score_grid(
         query_emb, candidate_emb, col.lang_index(col.candidate_langs), len(col.languages),
         col.relevance_arrays(), mesh=self.mesh, show_progress=self.show_progress)
-    return per_query, grid_lib.summarize(col, per_query, self.language_groups())
+    results = grid_lib.summarize(col, per_query, self.language_groups())
+    results["center_languages"] = bool(self.center_languages)
+    return per_query, results
 
   def evaluate(self, embed_fn: EmbedFn, output_dir: str | None = None, *,
                passage_embed_fn: EmbedFn | None = None, cache_dir: str | None = None,

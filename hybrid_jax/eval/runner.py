@@ -72,6 +72,7 @@ class RunOptions:
   dtype: str = "float32"
   groups: dict = dataclasses.field(default_factory=dict)
   normalize: bool = True
+  center_languages: bool = False  # subtract per-language mean embeddings (grid_evaluator.py)
   show_progress: bool = True
 
 
@@ -105,6 +106,8 @@ def default_output_dir(opts: RunOptions) -> str:
     dataset = f"mkqa-{os.path.basename(os.path.normpath(opts.corpus_dir))}-{opts.answer_language}"
   if opts.candidate_context:
     dataset += "-context"
+  if opts.center_languages:  # never overwrite the plain evaluation of the same source
+    dataset += "-centered"
   if opts.part != "all":
     dataset += f"-{opts.part}"
   if opts.workdir and "://" not in opts.workdir:
@@ -136,6 +139,12 @@ def _validate(opts: RunOptions) -> None:
     raise MissingPathError(f"--mkqa_file={opts.mkqa_file!r} is not a file (found "
                            f"{'a directory' if os.path.isdir(opts.mkqa_file) else 'nothing'}); "
                            "expected MKQA's mkqa.jsonl or mkqa.jsonl.gz")
+  if opts.center_languages and opts.dataset in (evaluators_lib.BeirEvaluator.type_name,
+                                                evaluators_lib.MkqaEvaluator.type_name):
+    raise EvaluateUsageError(
+        f"--center_languages with --dataset={opts.dataset}: centring needs every candidate "
+        "embedding in memory to take its language's mean, and the corpus-scale search streams "
+        "them; use it with xquad-r, mlqa-r or synthetic, or drop --center_languages")
   if opts.embeddings and opts.export_embeddings:
     raise EvaluateUsageError("--export_embeddings writes embeddings computed by --model or "
                              "--workdir; with --embeddings they already exist")
@@ -249,10 +258,13 @@ def make_evaluator(opts: RunOptions) -> evaluators_lib.GridEvaluator:
   # A training run's own languages give the "unseen" group (a zero-shot --model has none).
   from hybrid_jax import checkpointing  # pylint: disable=g-import-not-at-top
   training_languages = checkpointing.read_training_languages(opts.workdir) if opts.workdir else None
-  return evaluators_lib.build_evaluator(
+  evaluator = evaluators_lib.build_evaluator(
       None, evaluator_spec(opts), query_prefix=query_prefix, passage_prefix=passage_prefix,
       normalize=opts.normalize, show_progress=opts.show_progress, where="--dataset",
       training_languages=training_languages)
+  if opts.center_languages:
+    evaluator.center_languages = True  # a GridEvaluator: _validate rejected the corpus types
+  return evaluator
 
 
 def _file_stamp(directory: str) -> dict:
@@ -369,7 +381,7 @@ def run(opts: RunOptions, argv: Sequence[str] = ()) -> dict:
   command = "python -m hybrid_jax.evaluate " + " ".join(shlex.quote(a) for a in argv[1:])
   meta = {"source": description, "command": command, "query_prefix": query_prefix,
           "passage_prefix": passage_prefix, "candidate_context": opts.candidate_context,
-          "part": opts.part,
+          "part": opts.part, "center_languages": opts.center_languages,
           **({"heldout": heldout_split(opts)} if opts.part != "all" else {}),
           "num_queries": collection.num_queries, "num_candidates": collection.num_candidates,
           "embedding_dim": int(query_emb.shape[1]), "embed_seconds": round(embed_seconds, 2),
@@ -377,7 +389,10 @@ def run(opts: RunOptions, argv: Sequence[str] = ()) -> dict:
   header = [f"Source: {description}. Prefixes: query {query_prefix!r}, passage "
             f"{passage_prefix!r}; candidates: {'sentence + context' if opts.candidate_context else 'sentence'}."
             + (f" Part {opts.part!r} of the held-out split {heldout_split(opts)}."
-               if opts.part != "all" else ""),
+               if opts.part != "all" else "")
+            + (" Embeddings centred per language (each language's mean query / candidate "
+               "embedding of this collection subtracted, then re-normalised)."
+               if opts.center_languages else ""),
             f"{collection.num_queries} queries, {collection.num_candidates} candidates. "
             f"Wall time {wall:.1f}s (encoding {embed_seconds:.1f}s, scoring {score_seconds:.1f}s).",
             "", f"    {command}"]

@@ -1,12 +1,46 @@
-"""Paired significance tests between two evaluations of the same collection.
+"""Significance tests between evaluations of the same collection: which question each answers.
 
-The unit of randomisation is the query: under the null hypothesis the two systems are
-exchangeable for every query, so swapping A and B for a query flips the sign of all its
-differences at once (in every setting it belongs to). A statistic that is a weighted sum of
-per-query differences, T = sum_q w_q d_q (a setting mean, or a macro average over settings,
-which weights each query by 1 / (num_settings * queries_in_setting)), is tested two-sided with a
-seeded Monte-Carlo paired permutation (sign-flip) test:
-    p = (1 + #{|T*| >= |T|}) / (1 + num_permutations).
+Every statistic is a weighted sum of per-query values, T = sum_q w_q x_q (a setting mean, or a
+macro average over settings, which weights each query by 1 / (num_settings * queries_in_setting)),
+and the difference of two evaluations is B - A.
+
+One run per side: "is checkpoint B better than checkpoint A on these questions?"
+  A paired sign-flip (permutation) test. Under the null the two checkpoints are exchangeable on
+  every randomisation unit, so swapping A and B for a unit flips the sign of all its differences
+  at once (in every setting it belongs to). The unit is
+    * the question (default, `cluster="question"`): all query languages of one question id
+      `{id}_{lang}` (LAReQA, its held-out parts, MKQA's example ids) flip together. The
+      translations of one question share their gold sentences and move together; treating them
+      as independent makes the null distribution far too narrow. A query uid without a `_{lang}`
+      suffix of its own language (BEIR) is its own unit.
+    * the query (`cluster="query"`): each (question, language) query flips alone. Valid only when
+      queries are independent; on LAReQA it over-rejects (tests/eval/test_eval_significance.py
+      measures it at alpha 0.05).
+  Two-sided Monte-Carlo p = (1 + #{|T*| >= |T|}) / (1 + num_permutations): never 0, and at its
+  floor 1 / (1 + num_permutations) it only says p <= that floor (printed "<=0.0001"). When the
+  2^units sign patterns are no more than num_permutations they are all enumerated and p is exact
+  (#{|T*| >= |T|} / 2^units, identity included).
+
+Several runs per side (training seeds): "is strategy B better than strategy A, over training
+seeds and questions?"
+  The difference of the seed means, D = mean_s T(B_s) - mean_r T(A_r), with a 95% interval and
+  p from a two-level studentised bootstrap (bootstrap-t): each draw resamples question clusters
+  with replacement (the same clusters for every run, as every run scored the same questions) and,
+  independently, each side's seeds with replacement. Its standard error
+    se^2 = var_r T(A_r) / m + var_s T(B_s) / n + C * var_c(d_c),
+  (seed variances over the m and n runs; d_c the seed-mean difference on cluster c, C clusters)
+  is recomputed on every draw, t* = (D* - D) / se*, and the interval is
+  [D - t*_(0.975) se, D - t*_(0.025) se]. Studentising matters with 3-5 seeds: a percentile
+  interval of the two-level bootstrap covers only ~85% when seed noise dominates (a resample of 3
+  seeds has 10 distinct outcomes and its variance is 2/3 of the sample's); the bootstrap-t covers
+  ~95% (the calibration tests measure it). p = 2 min(1 + #{t* >= t}, 1 + #{t* <= t}) / (1 + N),
+  t = D / se, so p < 0.05 exactly when 0 is outside the 95% interval. Seeds are not paired across
+  sides (seed 0 of A and seed 0 of B are independent draws of training noise). A side of one run
+  is a fixed model with no training noise (e.g. zero-shot); say so when reading the result. The
+  statistic keeps the single-run weights (each query's 1 / queries_in_setting), so where clusters
+  hold different numbers of a setting's queries (MLQA-R) the variance is a little conservative.
+
+Holm-adjusted p-values are over the family a report shows: the rows returned (and printed).
 """
 
 from __future__ import annotations
@@ -21,19 +55,63 @@ from hybrid_jax import errors
 from hybrid_jax.eval import grid as grid_lib
 from hybrid_jax.eval import report
 
+CLUSTER_UNITS = ("question", "query")
+MAX_EXACT_UNITS = 20  # 2^20 sign patterns: enumerated in well under a second per statistic
+
 
 class CompareError(errors.UserError):
-  """The two result directories cannot be compared."""
+  """The result directories cannot be compared."""
 
 
+# --- randomisation units ------------------------------------------------------------------------
+def cluster_ids(query_uids: Sequence[str], query_langs: Sequence[str],
+                unit: str = "question") -> tuple[np.ndarray, list[str]]:
+  """The randomisation unit of every query: (index [Q] into the unit names, the unit names).
+
+  "question": the uid without its `_{lang}` suffix (`56e7586d..._de` -> `56e7586d...`; MKQA's
+  `{example_id}_zh_cn` with language zh_cn -> `{example_id}`); a uid without that suffix is its
+  own unit. "query": every query is its own unit.
+  """
+  if unit not in CLUSTER_UNITS:
+    raise CompareError(f"cluster unit {unit!r}; expected one of {CLUSTER_UNITS} (question: all "
+                       "languages of a question id flip together; query: each query alone)")
+  uids = [str(u) for u in query_uids]
+  if unit == "query":
+    return np.arange(len(uids)), uids
+  keys = []
+  for uid, lang in zip(uids, query_langs):
+    suffix = "_" + str(lang)
+    keys.append(uid[:-len(suffix)] if uid.endswith(suffix) and len(uid) > len(suffix) else uid)
+  names, index = np.unique(np.array(keys, dtype=object), return_inverse=True)
+  return index.reshape(-1), [str(n) for n in names]
+
+
+def sum_by_cluster(contributions: np.ndarray, clusters: np.ndarray, num_clusters: int
+                   ) -> np.ndarray:
+  """[..., Q] per-query contributions -> [..., C] their sums per cluster."""
+  contributions = np.asarray(contributions, np.float64)
+  clusters = np.asarray(clusters)
+  flat = contributions.reshape(-1, contributions.shape[-1])
+  # Sorted by cluster, each cluster's queries are one run of columns: reduceat sums them (np.add.at
+  # is ~50x slower on the [runs x statistics, queries] arrays of a seed-aware compare).
+  order = np.argsort(clusters, kind="stable")
+  present, starts = np.unique(clusters[order], return_index=True)
+  out = np.zeros((len(flat), num_clusters))
+  if len(order):
+    out[:, present] = np.add.reduceat(flat[:, order], starts, axis=1)
+  return out.reshape(contributions.shape[:-1] + (num_clusters,))
+
+
+# --- sign-flip tests ----------------------------------------------------------------------------
 def sign_flip_pvalues(contributions: np.ndarray, num_permutations: int = 10_000,
                       seed: int = 0) -> np.ndarray:
-  """Two-sided p-values of T_k = sum_q contributions[k, q] under random per-query sign flips.
+  """Monte-Carlo two-sided p-values of T_k = sum_u contributions[k, u] under random sign flips.
 
   Args:
-    contributions: [K, Q] weighted per-query differences of K statistics over the same Q
-      queries (0 where a query does not enter a statistic). The same sign draws are used for
-      every statistic, as they are the same random swaps of the two systems.
+    contributions: [K, U] weighted differences of K statistics over the same U randomisation
+      units (queries, or clusters of them: sum_by_cluster), 0 where a unit does not enter a
+      statistic. The same sign draws are used for every statistic, as they are the same random
+      swaps of the two systems.
   """
   contributions = np.asarray(contributions, np.float64)
   observed = np.abs(contributions.sum(axis=1))  # [K]
@@ -51,20 +129,181 @@ def sign_flip_pvalues(contributions: np.ndarray, num_permutations: int = 10_000,
   return (1.0 + exceed) / (1.0 + num_permutations)
 
 
-def holm(pvalues: Sequence[float]) -> np.ndarray:
-  """Holm-Bonferroni adjusted p-values (family-wise error over the given tests)."""
-  p = np.asarray(pvalues, np.float64)
-  order = np.argsort(p)
-  adjusted = np.empty_like(p)
-  running = 0.0
-  for rank, i in enumerate(order):
-    running = max(running, min(1.0, (len(p) - rank) * p[i]))
-    adjusted[i] = running
-  return adjusted
+def exact_sign_flip_pvalues(contributions: np.ndarray) -> np.ndarray:
+  """Exact two-sided p-values over all 2^U sign patterns: #{|T*| >= |T|} / 2^U."""
+  contributions = np.asarray(contributions, np.float64)
+  units = contributions.shape[1]
+  if units > MAX_EXACT_UNITS:
+    raise ValueError(f"{units} units: 2^{units} sign patterns are too many to enumerate")
+  observed = np.abs(contributions.sum(axis=1))
+  tolerance = 1e-12 * np.abs(contributions).sum(axis=1)
+  bits = np.arange(units)
+  exceed = np.zeros(len(contributions), np.int64)
+  total = 1 << units
+  for start in range(0, total, 1 << 16):
+    patterns = np.arange(start, min(total, start + (1 << 16)))
+    signs = ((patterns[:, None] >> bits[None, :]) & 1) * 2.0 - 1.0  # [n, U]
+    exceed += np.sum(np.abs(signs @ contributions.T) >= observed - tolerance, axis=0)
+  return exceed / total
 
 
 @dataclasses.dataclass(frozen=True)
+class SignFlipResult:
+  pvalues: np.ndarray  # [K]
+  floor: float  # the smallest p the Monte-Carlo test can report (0.0: exact enumeration)
+  exact: bool
+  num_units: int
+
+
+def sign_flip_test(contributions: np.ndarray, clusters: np.ndarray | None = None,
+                   num_permutations: int = 10_000, seed: int = 0) -> SignFlipResult:
+  """Sign-flip p-values of [K, Q] per-query contributions, flipping whole clusters.
+
+  `clusters` [Q]: each query's unit (cluster_ids); None: every query alone. Enumerates all sign
+  patterns (exact p) when there are no more of them than `num_permutations`.
+  """
+  contributions = np.asarray(contributions, np.float64)
+  if clusters is not None:
+    contributions = sum_by_cluster(contributions, clusters, int(np.max(clusters)) + 1)
+  units = contributions.shape[1]
+  if units <= MAX_EXACT_UNITS and (1 << units) <= num_permutations:
+    return SignFlipResult(exact_sign_flip_pvalues(contributions), 0.0, True, units)
+  return SignFlipResult(sign_flip_pvalues(contributions, num_permutations, seed),
+                        1.0 / (1.0 + num_permutations), False, units)
+
+
+# --- seed-aware: two-level bootstrap-t ------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class SeedBootstrapResult:
+  diff: np.ndarray  # [K] D = mean over B's runs - mean over A's runs
+  se: np.ndarray  # [K]
+  ci_low: np.ndarray  # [K] 95% (or 1 - alpha) bootstrap-t interval
+  ci_high: np.ndarray
+  pvalues: np.ndarray  # [K]
+  floor: float  # 2 / (1 + num_resamples)
+
+
+def _seed_variance(totals: np.ndarray, weights: np.ndarray, runs: int) -> np.ndarray:
+  """var(ddof=1) / runs of resampled runs' totals. totals [B, R, K]; weights [B, R] (counts /
+  runs, summing to 1). 0 for a side of one run (a fixed model)."""
+  if runs < 2:
+    return np.zeros(totals.shape[::2])
+  mean = np.einsum("br,brk->bk", weights, totals)
+  spread = np.einsum("br,brk->bk", weights, (totals - mean[:, None, :]) ** 2) * runs
+  return spread / (runs - 1) / runs
+
+
+def seed_bootstrap(runs_a: np.ndarray, runs_b: np.ndarray, num_resamples: int = 10_000,
+                   seed: int = 0, alpha: float = 0.05) -> SeedBootstrapResult:
+  """Two-level bootstrap-t of the difference of seed means (module docstring).
+
+  Args:
+    runs_a: [m, K, C] per-cluster contributions of A's m runs to K statistics (the statistic of
+      run r is runs_a[r, k].sum()); C clusters, the same for every run.
+    runs_b: [n, K, C] the same for B.
+  """
+  xa, xb = np.asarray(runs_a, np.float64), np.asarray(runs_b, np.float64)
+  m, n, num_clusters = len(xa), len(xb), xa.shape[-1]
+  if num_clusters < 2:
+    raise CompareError(f"{num_clusters} question cluster: the bootstrap needs at least 2")
+  x = np.concatenate([xa, xb])  # [R, K, C]
+  num_runs, num_stats = x.shape[:2]
+  flat = x.reshape(num_runs, num_stats * num_clusters)  # run r's d_c entries, for g @ flat
+  by_cluster = x.reshape(num_runs * num_stats, num_clusters).T  # [C, R K], for counts @ it
+
+  def studentise(cluster_counts, g, totals):
+    """D*, se* of draws: cluster_counts [B, C], run weights g [B, R] (-A / +B), totals [B, R, K]."""
+    diff = np.einsum("br,brk->bk", g, totals)
+    var = (_seed_variance(totals[:, :m], -g[:, :m], m)
+           + _seed_variance(totals[:, m:], g[:, m:], n))
+    per_cluster = (g @ flat).reshape(len(g), num_stats, num_clusters)  # d*_c [B, K, C]
+    square = np.einsum("bc,bkc->bk", cluster_counts, per_cluster * per_cluster)
+    questions = num_clusters / (num_clusters - 1) * (square - diff ** 2 / num_clusters)
+    return diff, np.sqrt(np.maximum(var + np.maximum(questions, 0.0), 0.0))
+
+  identity_g = np.concatenate([np.full(m, -1.0 / m), np.full(n, 1.0 / n)])[None, :]
+  diff, se = studentise(np.ones((1, num_clusters)), identity_g, x.sum(-1)[None])
+  diff, se = diff[0], se[0]
+  rng = np.random.default_rng(seed)
+  t_star = np.empty((num_resamples, num_stats))
+  done = 0
+  # Draws per block: d*_c of a block is [block, K, C] (about 32 MB at most).
+  block = int(min(500, max(1, 4_000_000 // (num_stats * num_clusters))))
+  while done < num_resamples:
+    size = min(block, num_resamples - done)
+    counts = rng.multinomial(num_clusters, np.full(num_clusters, 1.0 / num_clusters),
+                             size=size).astype(np.float64)  # [B, C]
+    picks_a = rng.integers(0, m, size=(size, m))
+    picks_b = rng.integers(0, n, size=(size, n))
+    g = np.concatenate([-_counts(picks_a, m) / m, _counts(picks_b, n) / n], axis=1)  # [B, R]
+    totals = (counts @ by_cluster).reshape(size, num_runs, num_stats)
+    d_star, se_star = studentise(counts, g, totals)
+    shift = d_star - diff[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+      t = np.where(se_star > 0, shift / se_star, np.sign(shift) * np.inf)
+    t_star[done:done + size] = np.where(np.isnan(t), 0.0, t)
+    done += size
+  with np.errstate(divide="ignore", invalid="ignore"):
+    t_obs = np.where(se > 0, diff / se, np.sign(diff) * np.inf)
+  t_obs = np.where(np.isnan(t_obs), 0.0, t_obs)
+  upper = np.sum(t_star >= t_obs[None, :], axis=0)
+  lower = np.sum(t_star <= t_obs[None, :], axis=0)
+  pvalues = np.minimum(1.0, 2.0 * (1.0 + np.minimum(upper, lower)) / (1.0 + num_resamples))
+  # Order statistics of t*: the floor((N + 1) alpha / 2)-th and ceil((N + 1) (1 - alpha / 2))-th
+  # smallest (the 250th and 9,750th of 9,999), as in the p-value's (1 + count) / (1 + N).
+  ordered = np.sort(t_star, axis=0)
+  k_low = min(num_resamples, max(1, math.floor((num_resamples + 1) * alpha / 2)))
+  k_high = min(num_resamples, max(1, math.ceil((num_resamples + 1) * (1 - alpha / 2))))
+  with np.errstate(invalid="ignore"):  # inf * 0 where se = 0: the interval is the point
+    ci_low = np.where(se > 0, diff - ordered[k_high - 1] * se, diff)
+    ci_high = np.where(se > 0, diff - ordered[k_low - 1] * se, diff)
+  return SeedBootstrapResult(diff, se, ci_low, ci_high, pvalues, 2.0 / (1.0 + num_resamples))
+
+
+def _counts(picks: np.ndarray, runs: int) -> np.ndarray:
+  """[B, runs] how often each run was drawn in each row of picks [B, runs]."""
+  return (picks[:, :, None] == np.arange(runs)[None, None, :]).sum(axis=1).astype(np.float64)
+
+
+# --- multiple testing -------------------------------------------------------------------------------
+def holm(pvalues: Sequence[float]) -> np.ndarray:
+  """Holm-Bonferroni adjusted p-values (family-wise error over the given tests)."""
+  return holm_with_bounds(pvalues)[0]
+
+
+def holm_with_bounds(pvalues: Sequence[float], at_floor: Sequence[bool] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """Holm-adjusted p-values and, per test, whether the adjusted value is only an upper bound
+  (it comes from a raw p at its Monte-Carlo floor, which is itself only a bound)."""
+  p = np.asarray(pvalues, np.float64)
+  floor = np.zeros(len(p), bool) if at_floor is None else np.asarray(at_floor, bool)
+  order = np.argsort(p, kind="stable")
+  adjusted = np.empty_like(p)
+  bound = np.zeros(len(p), bool)
+  running, running_bound = 0.0, False
+  for rank, i in enumerate(order):
+    scaled = min(1.0, (len(p) - rank) * p[i])
+    if scaled > running or rank == 0:
+      running, running_bound = scaled, bool(floor[i]) and scaled < 1.0
+    adjusted[i], bound[i] = running, running_bound
+  return adjusted, bound
+
+
+def format_p(p: float, floor: float = 0.0, digits: int = 4) -> str:
+  """'0.0260', or '<=0.0001' at the Monte-Carlo floor (the bound rounded up, so it stays true)."""
+  if math.isnan(p):
+    return ""
+  if floor > 0 and p <= floor * (1 + 1e-9):
+    scale = 10 ** digits
+    bound = math.ceil(floor * scale * (1 - 1e-12)) / scale
+    return f"<={bound:.{digits}f}" if bound > 0 else f"<={floor:.1e}"
+  return f"{p:.{digits}f}"
+
+
+# --- comparing result directories -------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
 class Row:
+  """One statistic of a comparison (B - A). With several runs per side a and b are seed means."""
   name: str  # "monolingual", "en->de", "en->all", ...
   kind: str  # "summary" | "setting"
   a: float
@@ -72,56 +311,75 @@ class Row:
   num_queries: int
   p_value: float
   p_holm: float = math.nan
+  p_floor: float = 0.0  # p <= p_floor is only a bound (0: the p-value is exact)
+  holm_is_bound: bool = False
+  ci_low: float = math.nan  # seed-aware only: 95% bootstrap-t interval of B - A
+  ci_high: float = math.nan
+  num_clusters: int = 0  # randomisation units (question ids, or queries)
+  method: str = ""
 
   @property
   def diff(self) -> float:
     return self.b - self.a
 
-
-def _aligned(dir_a: str, dir_b: str, metric: str):
-  results_a, results_b = report.read_results_json(dir_a), report.read_results_json(dir_b)
-  if results_a["dataset"] != results_b["dataset"]:
-    raise CompareError(f"{dir_a} evaluates {results_a['dataset']!r} but {dir_b} evaluates "
-                       f"{results_b['dataset']!r}; compare runs on the same dataset.")
-  pa, pb = report.read_per_query(dir_a), report.read_per_query(dir_b)
-  if list(pa["setting_columns"]) != list(pb["setting_columns"]):
-    raise CompareError(f"the runs cover different candidate languages: "
-                       f"{list(pa['setting_columns'])} vs {list(pb['setting_columns'])}")
-  if metric not in pa["metrics"]:
-    raise CompareError(f"unknown metric {metric!r}; per_query.npz holds {sorted(pa['metrics'])}")
-  uids_a, uids_b = list(pa["query_uids"]), list(pb["query_uids"])
-  if uids_a != uids_b:
-    row_b = {u: i for i, u in enumerate(uids_b)}
-    common = [i for i, u in enumerate(uids_a) if u in row_b]
-    if len(common) != len(uids_a) or len(common) != len(uids_b):
-      raise CompareError(f"the runs scored different queries ({len(uids_a)} vs {len(uids_b)}, "
-                         f"{len(common)} in common); evaluate both on the same languages.")
-    take_b = np.array([row_b[uids_a[i]] for i in common])
-    pb = {**pb, "query_langs": pb["query_langs"][take_b],
-          "metrics": {k: v[take_b] for k, v in pb["metrics"].items()}}
-  return results_a, pa, pb
+  @property
+  def at_floor(self) -> bool:
+    return self.p_floor > 0 and self.p_value <= self.p_floor * (1 + 1e-9)
 
 
-def compare(dir_a: str, dir_b: str, metric: str = "map", num_permutations: int = 10_000,
-            seed: int = 0) -> list[Row]:
-  """Per-setting and summary differences B - A of `metric` with paired permutation p-values."""
-  results, pa, pb = _aligned(dir_a, dir_b, metric)
-  columns = [str(c) for c in pa["setting_columns"]]
-  langs = columns[:-1]
-  va, vb = pa["metrics"][metric], pb["metrics"][metric]  # [Q, S] or [Q] (rank distance)
-  if va.ndim == 1:  # rank distance: pool only
-    va, vb = (np.concatenate([np.full((len(va), len(langs)), np.nan), v[:, None]], axis=1)
-              for v in (va, vb))
-  query_lang = np.array([str(x) for x in pa["query_langs"]])
-  both = ~np.isnan(va) & ~np.isnan(vb)
-  diff = np.where(both, vb - va, 0.0)
+def _as_list(dirs: str | Sequence[str]) -> list[str]:
+  return [dirs] if isinstance(dirs, str) else list(dirs)
 
-  # Each statistic is a weighted sum over (query, column) cells: a setting weighs its queries
-  # 1/n; a macro average weighs each member setting 1/num_members on top.
+
+def _load_runs(dirs: Sequence[str], metric: str):
+  """results.json of the first run; per_query of every run, rows in the first run's order."""
+  if len(set(dirs)) != len(dirs):
+    repeated = sorted({d for d in dirs if list(dirs).count(d) > 1})
+    raise CompareError(f"run directories given more than once: {repeated}; give each seed's "
+                       "evaluation directory once (A_seed0,A_seed1,... B_seed0,...)")
+  first = report.read_results_json(dirs[0])
+  base = report.read_per_query(dirs[0])
+  if metric not in base["metrics"]:
+    raise CompareError(f"unknown metric {metric!r}; {dirs[0]}/per_query.npz holds "
+                       f"{sorted(base['metrics'])}")
+  uids = [str(u) for u in base["query_uids"]]
+  row_of = {u: i for i, u in enumerate(uids)}
+  values = []
+  for d in dirs:
+    results = first if d == dirs[0] else report.read_results_json(d)
+    if results["dataset"] != first["dataset"]:
+      raise CompareError(f"{dirs[0]} evaluates {first['dataset']!r} but {d} evaluates "
+                         f"{results['dataset']!r}; compare runs on the same dataset.")
+    pq = base if d == dirs[0] else report.read_per_query(d)
+    if list(pq["setting_columns"]) != list(base["setting_columns"]):
+      raise CompareError(f"the runs cover different candidate languages: {dirs[0]} has "
+                         f"{list(base['setting_columns'])}, {d} {list(pq['setting_columns'])}")
+    if metric not in pq["metrics"]:
+      raise CompareError(f"unknown metric {metric!r}; {d}/per_query.npz holds "
+                         f"{sorted(pq['metrics'])}")
+    other = [str(u) for u in pq["query_uids"]]
+    if other != uids:
+      common = sum(u in row_of for u in other)
+      if common != len(uids) or len(other) != len(uids):
+        raise CompareError(f"the runs scored different queries ({dirs[0]}: {len(uids)}, {d}: "
+                           f"{len(other)}, {common} in common); evaluate every run on the same "
+                           "dataset, part and languages.")
+      position = {u: i for i, u in enumerate(other)}
+      values.append(pq["metrics"][metric][np.array([position[u] for u in uids])])
+    else:
+      values.append(pq["metrics"][metric])
+  return first, base, values
+
+
+def _statistics(languages, columns, query_lang, scored, summary_only):
+  """(name, kind, [(column, query mask, weight scale)]) of the three summaries and every setting.
+
+  A setting weighs its queries 1/n; a macro average weighs each member setting 1/num_members on
+  top."""
   settings = []  # (name, query language, column, row mask)
-  for x in [lang for lang in results["languages"] if np.any(query_lang == lang)]:
+  for x in [lang for lang in languages if np.any(query_lang == lang)]:
     for j, y in enumerate(columns):
-      rows = (query_lang == x) & both[:, j]
+      rows = (query_lang == x) & scored[:, j]
       if rows.any():
         settings.append((f"{x}->{y}", x, j, rows))
   groups = {
@@ -131,37 +389,92 @@ def compare(dir_a: str, dir_b: str, metric: str = "map", num_permutations: int =
   }
   statistics = [(g, "summary", [(m, 1.0 / len(members)) for m in members])
                 for g, members in groups.items() if members]
-  statistics += [(s[0], "setting", [(s, 1.0)]) for s in settings]
+  if not summary_only:
+    statistics += [(s[0], "setting", [(s, 1.0)]) for s in settings]
+  return statistics
 
-  def weighted(values: np.ndarray, parts) -> np.ndarray:  # [Q] per-query contributions
-    out = np.zeros(len(values))
+
+def _contributions(values: np.ndarray, statistics) -> np.ndarray:
+  """[K, Q] each query's weighted contribution to each statistic (values [Q, S], 0 = unscored)."""
+  out = np.zeros((len(statistics), len(values)))
+  for k, (_, _, parts) in enumerate(statistics):
     for (_, _, j, rows), scale in parts:
-      out += np.where(rows, values[:, j], 0.0) * (scale / rows.sum())
-    return out
+      out[k] += np.where(rows, values[:, j], 0.0) * (scale / rows.sum())
+  return out
 
-  va0, vb0 = np.where(both, va, 0.0), np.where(both, vb, 0.0)
-  contributions = np.stack([weighted(diff, parts) for _, _, parts in statistics])  # [K, Q]
-  pvalues = sign_flip_pvalues(contributions, num_permutations, seed)
-  a_values = [float(weighted(va0, parts).sum()) for _, _, parts in statistics]
-  b_values = [float(weighted(vb0, parts).sum()) for _, _, parts in statistics]
+
+def compare(dirs_a: str | Sequence[str], dirs_b: str | Sequence[str], metric: str = "map",
+            num_permutations: int = 10_000, seed: int = 0, cluster: str = "question",
+            summary_only: bool = False) -> list[Row]:
+  """B - A of `metric` for the three summaries and (unless summary_only) every setting.
+
+  One directory per side: the paired sign-flip test over `cluster` units. Several per side (one
+  evaluation directory per training seed): the seed-aware two-level bootstrap-t, with
+  `num_permutations` resamples. p_holm adjusts over the rows returned.
+  """
+  dirs_a, dirs_b = _as_list(dirs_a), _as_list(dirs_b)
+  if not dirs_a or not dirs_b:
+    raise CompareError("each side needs at least one evaluation directory")
+  if num_permutations < 1:
+    raise CompareError(f"num_permutations={num_permutations}; expected at least 1 (10,000 is "
+                       "the default)")
+  results, base, values = _load_runs(dirs_a + dirs_b, metric)
+  columns = [str(c) for c in base["setting_columns"]]
+  langs = columns[:-1]
+  if values[0].ndim == 1:  # rank distance: pool only
+    values = [np.concatenate([np.full((len(v), len(langs)), np.nan), v[:, None]], axis=1)
+              for v in values]
+  query_lang = np.array([str(x) for x in base["query_langs"]])
+  # A query enters a setting where every run scored it (the same queries for all runs of one
+  # collection: NaN marks a setting without a relevant candidate).
+  scored = np.all([~np.isnan(v) for v in values], axis=0)
+  values = [np.where(scored, v, 0.0).astype(np.float64) for v in values]
+  statistics = _statistics(results["languages"], columns, query_lang, scored, summary_only)
+  if not statistics:
+    raise CompareError(f"no query of {dirs_a[0]} has a {metric} value in any setting (all NaN in "
+                       "per_query.npz); compare evaluations that scored at least one query")
+  clusters, unit_names = cluster_ids(base["query_uids"], query_lang, cluster)
+  per_run = np.stack([_contributions(v, statistics) for v in values])  # [R, K, Q]
+  totals = per_run.sum(-1)  # [R, K]
+  m = len(dirs_a)
+  a_values, b_values = totals[:m].mean(0), totals[m:].mean(0)
   counts = [int(sum(s[3].sum() for s, _ in parts)) for _, _, parts in statistics]
-  all_names = [n for n, _, _ in statistics]
-  all_kinds = [k for _, k, _ in statistics]
-  setting_idx = [i for i, k in enumerate(all_kinds) if k == "setting"]
-  adjusted = np.full(len(statistics), math.nan)
-  if setting_idx:
-    adjusted[setting_idx] = holm(pvalues[setting_idx])
-  return [Row(n, k, a, b, c, float(p), float(h)) for n, k, a, b, c, p, h in
-          zip(all_names, all_kinds, a_values, b_values, counts, pvalues, adjusted)]
+  unit_text = f"{len(unit_names)} {'question' if cluster == 'question' else 'query'} units"
+  if m == 1 and len(dirs_b) == 1:
+    test = sign_flip_test(per_run[1] - per_run[0], clusters, num_permutations, seed)
+    pvalues, floor = test.pvalues, test.floor
+    lows = highs = np.full(len(statistics), math.nan)
+    method = (f"paired sign-flip over {unit_text}, "
+              + (f"exact over all 2^{test.num_units} patterns" if test.exact
+                 else f"{num_permutations} random flips, seed {seed}"))
+  else:
+    by_cluster = sum_by_cluster(per_run, clusters, len(unit_names))  # [R, K, C]
+    boot = seed_bootstrap(by_cluster[:m], by_cluster[m:], num_permutations, seed)
+    pvalues, floor, lows, highs = boot.pvalues, boot.floor, boot.ci_low, boot.ci_high
+    method = (f"two-level bootstrap-t over {m} vs {len(dirs_b)} runs and {unit_text}, "
+              f"{num_permutations} resamples, seed {seed}")
+  at_floor = [floor > 0 and p <= floor * (1 + 1e-9) for p in pvalues]
+  adjusted, bound = holm_with_bounds(pvalues, at_floor)
+  return [Row(name, kind, float(a), float(b), c, float(p), float(h), floor, bool(hb), float(lo),
+              float(hi), len(unit_names), method)
+          for (name, kind, _), a, b, c, p, h, hb, lo, hi in
+          zip(statistics, a_values, b_values, counts, pvalues, adjusted, bound, lows, highs)]
 
 
 def format_rows(rows: Sequence[Row], metric: str, label_a: str, label_b: str) -> str:
+  """The table the compare command prints (p and p(Holm) with their floors as bounds)."""
   digits = 1 if metric == "rank_distance" else 4
+  seed_aware = any(not math.isnan(r.ci_low) for r in rows)
+  interval = f" {'95% interval':>21}" if seed_aware else ""
   lines = [f"{metric}: B - A, A = {label_a}, B = {label_b}",
-           f"{'setting':<16} {'A':>9} {'B':>9} {'B-A':>9} {'p':>8} {'p(Holm)':>8} {'queries':>8}"]
+           f"{'setting':<16} {'A':>9} {'B':>9} {'B-A':>9}{interval} {'p':>9} {'p(Holm)':>9} "
+           f"{'queries':>8}"]
   for r in rows:
     star = "*" if r.p_value < 0.05 else " "
-    holm_text = "" if math.isnan(r.p_holm) else f"{r.p_holm:.4f}"
-    lines.append(f"{r.name:<16} {r.a:>9.{digits}f} {r.b:>9.{digits}f} {r.diff:>+9.{digits}f} "
-                 f"{r.p_value:>7.4f}{star} {holm_text:>8} {r.num_queries:>8}")
+    holm_text = "" if math.isnan(r.p_holm) else format_p(
+        r.p_holm, r.p_holm if r.holm_is_bound else 0.0)
+    ci = (f" [{r.ci_low:+.{digits}f}, {r.ci_high:+.{digits}f}]".rjust(22) if seed_aware else "")
+    lines.append(f"{r.name:<16} {r.a:>9.{digits}f} {r.b:>9.{digits}f} {r.diff:>+9.{digits}f}"
+                 f"{ci} {format_p(r.p_value, r.p_floor):>8}{star} {holm_text:>9} "
+                 f"{r.num_queries:>8}")
   return "\n".join(lines)
