@@ -46,6 +46,7 @@ def test_runs_differ_only_in_strategy_alpha_seed_and_direction():
   assert a["train.mask_false_negatives"] is True
 
 
+@pytest.mark.real_data
 @pytest.mark.parametrize("baseline,alpha", [("mono", 1.0), ("xy", 0.0)])
 def test_hybrid_at_alpha_0_and_1_draws_exactly_the_baseline_batches(baseline, alpha):
   """Why the alpha sweep reuses the X-Y and X-X-mono runs as its endpoints."""
