@@ -356,8 +356,8 @@ def significance_section(results_dir: str) -> list[str]:
           found.append((direction, evaluation, base, {r["name"]: r for r in sig}))
   tested = [r for *_, by_name in found for r in (by_name.get(f) for f in FAMILIES) if r]
   floors = [r.get("p_floor", 0.0) for r in tested]
-  adjusted, bound = significance.holm_with_bounds(
-      [r["p"] for r in tested], [f > 0 and r["p"] <= f * (1 + 1e-9) for r, f in zip(tested, floors)])
+  at_floor = [f > 0 and r["p"] <= f * (1 + 1e-9) for r, f in zip(tested, floors)]
+  adjusted, bound = significance.holm_with_bounds([r["p"] for r in tested], at_floor)
   holm = {id(r): (h, b) for r, h, b in zip(tested, adjusted, bound)}
   rows = []
   for direction, evaluation, base, by_name in found:

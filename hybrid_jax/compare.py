@@ -64,11 +64,11 @@ def main(argv):
   print(significance.format_rows(rows, _METRIC.value, ",".join(dirs_a), ",".join(dirs_b)))
   seed_aware = len(dirs_a) > 1 or len(dirs_b) > 1
   question = ("is strategy B better than A, over training seeds and questions? A and B are seed "
-              "means; the interval is the 95% two-level bootstrap-t interval of B - A"
+              "means; the interval is the 95% two-level bootstrap-t interval of B - A."
               if seed_aware else "is checkpoint B better than checkpoint A on these questions?")
   fixed = [side for side, dirs in (("A", dirs_a), ("B", dirs_b)) if seed_aware and len(dirs) == 1]
   print(f"p: {rows[0].method}; two-sided; * p < 0.05; p(Holm) adjusts over the {len(rows)} "
-        f"tests shown. Question answered: {question}."
+        f"tests shown. Question answered: {question}"
         + (f" {' and '.join(fixed)}: one run, taken as a fixed model without training noise."
            if fixed else ""))
   if _OUTPUT_JSON.value:

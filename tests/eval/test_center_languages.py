@@ -127,8 +127,9 @@ def test_centring_removes_a_planted_language_offset():
   for center in (False, True):
     evaluator = grid_evaluator.GridEvaluator(col, center_languages=center, show_progress=False)
     summaries[center] = evaluator.score(q, c)[1]["summary"]["multilingual"]
-  print(f"multilingual mAP {summaries[False]['map']:.3f} -> {summaries[True]['map']:.3f}, rank "
-        f"distance {summaries[False]['rank_distance']:.1f} -> {summaries[True]['rank_distance']:.1f}")
+  plain, centred = summaries[False], summaries[True]
+  print(f"multilingual mAP {plain['map']:.3f} -> {centred['map']:.3f}, rank distance "
+        f"{plain['rank_distance']:.1f} -> {centred['rank_distance']:.1f}")
   # Uncentred: the 3 relevant candidates are split by the 6 other same-language sentences.
   assert summaries[False]["map"] < 0.8 and summaries[False]["rank_distance"] >= 7
   # Centred: the three relevant candidates take ranks 1-3 (rank distance 2, AP 1).

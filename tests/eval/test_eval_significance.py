@@ -1,4 +1,4 @@
-"""Significance tests: exact against full enumeration, calibration by simulation, the compare command.
+"""Significance tests: exact against enumeration, calibrated by simulation, and the compare command.
 
 Exactness. `compare` is verified against an exact sign-flip enumeration computed here from the
 per-query metrics themselves (no weights, no code from significance.py): two tiny runs (5
@@ -43,7 +43,7 @@ def binomial_interval(successes: int, trials: int, level: float = 0.99):
   return ci.low, ci.high
 
 
-# --- the sign-flip primitive -----------------------------------------------------------------------
+# --- the sign-flip primitive ----------------------------------------------------------------------
 def test_sign_flip_pvalue_matches_exact_enumeration():
   d = np.array([0.9, 0.4, -0.1, 0.7, 0.3, -0.2, 0.5, 0.6, 0.05, 0.8])
   observed = abs(d.sum())
@@ -126,7 +126,7 @@ def test_pvalues_at_the_floor_print_as_bounds():
   assert list(bound) == [True, True]
 
 
-# --- calibration by simulation -----------------------------------------------------------------------
+# --- calibration by simulation --------------------------------------------------------------------
 QUESTIONS_SIM, LANGS_SIM = 40, ["en", "de", "zh_cn", "pt_br"]
 
 
@@ -427,7 +427,7 @@ def test_question_units_give_larger_pvalues_than_queries_when_translations_agree
   assert question.p_value > 2 * query.p_value
 
 
-# --- seed-aware compare on result directories ---------------------------------------------------------
+# --- seed-aware compare on result directories -----------------------------------------------------
 @pytest.fixture(scope="module")
 def seed_runs(tmp_path_factory):
   """Three runs per side: A's seeds, B = A's level + 0.05 on every query, with seed noise."""
