@@ -15,7 +15,8 @@ post-hoc methods): after normalising, each language's mean query embedding is su
 queries and each language's mean candidate embedding from its candidates, and the rows are
 normalised again before scoring. The means come from the scored collection's own queries and
 candidates (unsupervised: no relevance labels are read), so they are the evaluated part's (e.g.
-the held-out articles of `--part=test`); results.json records `center_languages`.
+the held-out articles of `--part=test`); results.json then holds `"center_languages": true`
+(a plain evaluation's results.json has no such key, as in DESIGN.md's schema).
 """
 
 from __future__ import annotations
@@ -218,7 +219,8 @@ class GridEvaluator:
         query_emb, candidate_emb, col.lang_index(col.candidate_langs), len(col.languages),
         col.relevance_arrays(), mesh=self.mesh, show_progress=self.show_progress)
     results = grid_lib.summarize(col, per_query, self.language_groups())
-    results["center_languages"] = bool(self.center_languages)
+    if self.center_languages:  # only then: a plain results.json keeps DESIGN.md's schema exactly
+      results["center_languages"] = True
     return per_query, results
 
   def evaluate(self, embed_fn: EmbedFn, output_dir: str | None = None, *,

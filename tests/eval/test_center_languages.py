@@ -102,7 +102,7 @@ def test_centred_scores_equal_an_independent_numpy_computation():
   # Not a no-op: the uncentred scores differ.
   plain, plain_results = grid_evaluator.GridEvaluator(col, show_progress=False).score(
       q.astype(np.float32), c.astype(np.float32))
-  assert plain_results["center_languages"] is False
+  assert "center_languages" not in plain_results  # DESIGN.md's schema, unchanged
   assert not np.allclose(plain.values["map"][:, pool], ap, atol=1e-3)
 
 
@@ -165,7 +165,9 @@ def test_evaluate_records_center_languages_and_keeps_its_own_output(tmp_path):
   with open(out / "results.md", encoding="utf-8") as f:
     assert "centred per language" in f.read()
   plain = runner.run(opts.__class__(**{**opts.__dict__, "output_dir": str(tmp_path / "plain")}))
-  assert plain["center_languages"] is False
+  assert "center_languages" not in plain
+  with open(tmp_path / "plain" / "results_meta.json", encoding="utf-8") as f:
+    assert json.load(f)["center_languages"] is False
   centred = runner.RunOptions(dataset="xquad-r", model="m", center_languages=True)
   assert runner.default_output_dir(centred).endswith("xquad-r-centered")
   with pytest.raises(runner.EvaluateUsageError, match="corpus-scale search streams"):
