@@ -10,6 +10,11 @@ Parameters are float32 and carry logical axis names (`vocab`, `embed`, `mlp`, `q
 `type`) through `nn.with_logical_partitioning`; the mesh rules in `sharding.py` map these to mesh
 axes. Activations run in `config.dtype` (bfloat16 on accelerators); softmax, LayerNorm statistics,
 pooling and normalisation run in float32 so that bf16 training stays stable.
+
+Packed inputs (data/packing.py): several texts share a row of `[R, L]`, told apart by
+`segment_ids` (0 = padding, 1..S = the row's texts). Attention is then block-diagonal (a token
+sees only its own text), position ids restart at each text, and pooling is per text, so every
+text's embedding equals the one it gets alone in a padded batch; only less padding is computed.
 """
 
 from __future__ import annotations
@@ -192,6 +197,8 @@ class EncoderConfig:
 
 
 class EncoderOutput(NamedTuple):
+  # Padded inputs: B = rows = texts. Packed inputs: last_hidden_state is per row [R, L, H] and
+  # pooled / embedding are per text [N, H], in the order of `segment_index`.
   last_hidden_state: jax.Array  # [B, L, H] compute dtype
   pooled: jax.Array  # [B, H] float32, before L2 normalisation
   embedding: jax.Array  # [B, H] float32, L2-normalised (what retrieval uses)
@@ -225,11 +232,25 @@ def position_ids(config: EncoderConfig, input_ids: jax.Array) -> jax.Array:
   return jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
 
 
+def packed_position_ids(config: EncoderConfig, segment_ids: jax.Array,
+                        segment_positions: jax.Array) -> jax.Array:
+  """Position ids [R, L] of packed rows: each text numbered as if it were alone in its row.
+
+  BERT: the position within the text. RoBERTa: pad_token_id + 1 + that position for real tokens
+  and pad_token_id for padding, which is what `position_ids` gives the same text padded.
+  """
+  positions = segment_positions.astype(jnp.int32)
+  if config.is_roberta:
+    return jnp.where(segment_ids > 0, positions + config.pad_token_id + 1, config.pad_token_id)
+  return positions
+
+
 class Embeddings(nn.Module):
   config: EncoderConfig
 
   @nn.compact
-  def __call__(self, input_ids, token_type_ids, deterministic: bool):
+  def __call__(self, input_ids, token_type_ids, deterministic: bool, positions=None):
+    """positions: [B, L] position ids; None = `position_ids(config, input_ids)` (padded rows)."""
     cfg = self.config
 
     def embed(num, axes, name):
@@ -238,8 +259,10 @@ class Embeddings(nn.Module):
           embedding_init=nn.with_logical_partitioning(nn.initializers.normal(_INIT_STD), axes))
 
     x = embed(cfg.vocab_size, ("vocab", "embed"), "word_embeddings")(input_ids)
+    if positions is None:
+      positions = position_ids(cfg, input_ids)
     x += embed(cfg.max_position_embeddings, ("position", "embed"),
-               "position_embeddings")(position_ids(cfg, input_ids))
+               "position_embeddings")(positions)
     x += embed(cfg.type_vocab_size, ("type", "embed"), "token_type_embeddings")(token_type_ids)
     x = _layer_norm(cfg)(x)
     return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)  # [B, L, H]
@@ -262,7 +285,8 @@ class SelfAttention(nn.Module):
     query, key, value = project("query"), project("key"), project("value")
     # Scores in the compute dtype, softmax in float32: bf16 exp/sum loses too much precision.
     scores = jnp.einsum("bqnd,bknd->bnqk", query, key) / jnp.sqrt(head_dim).astype(x.dtype)
-    scores = scores.astype(jnp.float32) + mask_bias  # mask_bias: [B, 1, 1, L]
+    # mask_bias: [B, 1, 1, L] over keys (padded), [B, 1, L, L] block-diagonal (packed).
+    scores = scores.astype(jnp.float32) + mask_bias
     probs = jax.nn.softmax(scores, axis=-1)
     probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
     context = jnp.einsum("bnqk,bknd->bqnd", probs.astype(x.dtype), value)
@@ -341,23 +365,38 @@ class Encoder(nn.Module):
   config: EncoderConfig
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask, token_type_ids=None, *,
+  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
+               segment_ids=None, segment_positions=None, segment_index=None,
                deterministic: bool = True) -> EncoderOutput:
-    """Encodes a padded batch.
+    """Encodes a padded batch, or a packed one when `segment_ids` is given.
 
     Args:
-      input_ids: [B, L] int token ids.
-      attention_mask: [B, L] 1 for real tokens, 0 for padding.
-      token_type_ids: [B, L] int segment ids, zeros when None.
+      input_ids: [B, L] int token ids (packed: [R, L], several texts per row).
+      attention_mask: [B, L] 1 for real tokens, 0 for padding. Padded batches only: packed rows
+        take their mask from segment_ids, so pass None with them.
+      token_type_ids: [B, L] int segment ids, zeros when None. Padded batches only (packed texts
+        use token type 0, as our single-text inputs always do).
+      segment_ids: [R, L] int, packed rows: 0 on padding, 1..S for the row's texts.
+      segment_positions: [R, L] int, packed rows: position of each token within its text (0 at
+        the text's first token; any value on padding).
+      segment_index: [N, 2] int, packed rows: (row, segment id) of each of the N texts; the
+        outputs `pooled` and `embedding` are [N, H] in this order.
       deterministic: False enables dropout (rng collection "dropout").
     """
     cfg = self.config
-    if input_ids.shape[-1] > cfg.max_sequence_length:
+    packed = _check_packed_inputs(input_ids, attention_mask, token_type_ids, segment_ids,
+                                  segment_positions, segment_index)
+    # Packed rows restart positions at every text (each text is truncated to the model's
+    # max_length by the pipeline), so only a padded row's length is bounded by the table.
+    if not packed and input_ids.shape[-1] > cfg.max_sequence_length:
       # Checked at trace time: past the position table, jnp's gather would silently clamp.
       raise EncoderConfigError(
           f"input length {input_ids.shape[-1]} exceeds the {cfg.max_sequence_length} positions "
           f"this {cfg.model_type} encoder has (max_position_embeddings="
           f"{cfg.max_position_embeddings}); truncate the inputs (max_length).")
+    if packed:
+      return self._encode_packed(input_ids, segment_ids, segment_positions, segment_index,
+                                 deterministic)
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
     mask = attention_mask.astype(jnp.bool_)
@@ -372,6 +411,86 @@ class Encoder(nn.Module):
       pooler_output = Pooler(cfg, name="pooler")(x[:, 0])
     pooled = pool(cfg.pooling, x, mask, pooler_output)
     return EncoderOutput(last_hidden_state=x, pooled=pooled, embedding=l2_normalize(pooled))
+
+  def _encode_packed(self, input_ids, segment_ids, segment_positions, segment_index,
+                     deterministic: bool) -> EncoderOutput:
+    """Packed rows [R, L] -> per-text outputs [N, H]; the same submodules (and parameter names)
+    as the padded path, called once each, so checkpoints are shared."""
+    cfg = self.config
+    segment_ids = segment_ids.astype(jnp.int32)
+    # Block-diagonal additive mask [R, 1, L, L]: query i sees key j iff both are in the same
+    # text. Padding (segment 0) sees padding, so that no softmax row is fully masked (its output
+    # is never pooled and gets no gradient); real tokens never see padding or other texts.
+    same_text = segment_ids[:, :, None] == segment_ids[:, None, :]
+    mask_bias = jnp.where(same_text, 0.0, jnp.finfo(jnp.float32).min)[:, None, :, :]
+    positions = packed_position_ids(cfg, segment_ids, segment_positions)
+
+    x = Embeddings(cfg, name="embeddings")(input_ids, jnp.zeros_like(input_ids), deterministic,
+                                           positions=positions)
+    x = LayerStack(cfg, name="encoder")(x, mask_bias, deterministic)  # [R, L, H]
+
+    rows, segments = segment_index[:, 0], segment_index[:, 1]
+    first = x[rows, _first_columns(segment_ids)[rows, segments]]  # [N, H] compute dtype
+    pooler_output = None
+    if cfg.add_pooling_layer:
+      pooler_output = Pooler(cfg, name="pooler")(first)
+    if cfg.pooling == "mean":
+      pooled = _segment_means(x, segment_ids)[rows, segments]
+    elif cfg.pooling == "cls":
+      pooled = first.astype(jnp.float32)
+    else:  # "pooler" (EncoderConfig checked that it exists)
+      pooled = pooler_output.astype(jnp.float32)
+    return EncoderOutput(last_hidden_state=x, pooled=pooled, embedding=l2_normalize(pooled))
+
+
+def _check_packed_inputs(input_ids, attention_mask, token_type_ids, segment_ids,
+                         segment_positions, segment_index) -> bool:
+  """Whether the inputs are packed; a clear error (at trace time) for inconsistent ones."""
+  given = {"segment_ids": segment_ids, "segment_positions": segment_positions,
+           "segment_index": segment_index}
+  if all(v is None for v in given.values()):
+    if attention_mask is None:
+      raise EncoderConfigError("Encoder needs attention_mask [B, L] for a padded batch (or "
+                               "segment_ids, segment_positions and segment_index for packed rows).")
+    return False
+  missing = [k for k, v in given.items() if v is None]
+  if missing:
+    raise EncoderConfigError(f"packed inputs need segment_ids, segment_positions and "
+                             f"segment_index together; missing {missing}.")
+  problems = []
+  if attention_mask is not None or token_type_ids is not None:
+    problems.append("attention_mask and token_type_ids must be None with packed rows (the mask "
+                    "comes from segment_ids, token types are 0)")
+  for name in ("segment_ids", "segment_positions"):
+    if tuple(given[name].shape) != tuple(input_ids.shape):
+      problems.append(f"{name} has shape {tuple(given[name].shape)}, input_ids "
+                      f"{tuple(input_ids.shape)}")
+  if segment_index.ndim != 2 or segment_index.shape[1] != 2:
+    problems.append(f"segment_index must be [N, 2] (row, segment id), found shape "
+                    f"{tuple(segment_index.shape)}")
+  if problems:
+    raise EncoderConfigError("Invalid packed encoder inputs: " + "; ".join(problems) + ".")
+  return True
+
+
+def _first_columns(segment_ids) -> jax.Array:
+  """[R, L + 1] int: the column of each segment's first token in its row (segment ids index the
+  second axis; 0 is padding). An integer reduction, so that gathering the first token is exact."""
+  length = segment_ids.shape[1]
+  columns = jnp.arange(length, dtype=jnp.int32)
+  return jax.vmap(lambda s: jax.ops.segment_min(columns, s, num_segments=length + 1))(segment_ids)
+
+
+def _segment_means(hidden, segment_ids) -> jax.Array:
+  """[R, L + 1, H] float32: the mean hidden state of each segment of each row (segment ids <= L).
+
+  A per-row segment-sum (vmap keeps the row axis, so rows sharded over devices stay local) in
+  float32, like `pool`'s padded mean."""
+  length = segment_ids.shape[1]
+  one_row = lambda values, s: jax.ops.segment_sum(values, s, num_segments=length + 1)
+  totals = jax.vmap(one_row)(hidden.astype(jnp.float32), segment_ids)
+  counts = jax.vmap(one_row)(jnp.ones(segment_ids.shape, jnp.float32), segment_ids)
+  return totals / jnp.maximum(counts, 1.0)[..., None]
 
 
 def pool(pooling: str, hidden, mask, pooler_output=None) -> jax.Array:
