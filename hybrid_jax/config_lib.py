@@ -7,6 +7,11 @@ which `parse_arg` turns into {"runlocal": True, "alpha": 0.3} using the defaults
 
 from __future__ import annotations
 
+import difflib
+import re
+import sys
+from typing import Iterable, Sequence
+
 import ml_collections
 
 from hybrid_jax import errors
@@ -14,6 +19,90 @@ from hybrid_jax import errors
 
 class ConfigArgError(errors.UserError):
   """A config argument string names an unknown key or a value of the wrong type."""
+
+
+class UnknownConfigFieldError(errors.UserError):
+  """A --config.SECTION.FIELD override names a field the config does not have."""
+
+
+# --- command-line overrides -----------------------------------------------------------------------
+def _keys(node) -> list[str] | None:
+  if isinstance(node, (ml_collections.ConfigDict, dict)):
+    return [str(k) for k in node.keys()]
+  return None
+
+
+def check_overrides(config, fields: Iterable[str], flag_name: str = "config") -> None:
+  """Every override path ("train.learning_rate") must name an existing field; else an
+  UnknownConfigFieldError naming it, the closest valid names (difflib) and the section's fields.
+
+  ml_collections would fail with a bare AttributeError: "'nonexistent'"."""
+  for dotted in fields:
+    node, walked = config, []
+    for part in dotted.split("."):
+      name = re.sub(r"\[.*\]$", "", part)  # "mesh[0]": the field is "mesh"
+      keys = _keys(node)
+      if keys is None:
+        break  # inside a tuple or a value: ml_collections reports what is wrong there
+      if name not in keys:
+        section = ".".join([flag_name] + walked)
+        close = difflib.get_close_matches(name, keys, n=3, cutoff=0.5)
+        hint = (f" Did you mean {' or '.join(f'--{section}.{c}' for c in close)}?" if close
+                else "")
+        raise UnknownConfigFieldError(
+            f"--{flag_name}.{dotted}: {section} has no field {name!r}.{hint} The fields of "
+            f"{section} are: {', '.join(sorted(keys))}.")
+      node = node[name]
+      walked.append(name)
+
+
+def override_fields(argv: Sequence[str], flag_name: str = "config") -> list[str]:
+  """The field paths of the --config.X.Y=... (and --noconfig.X.Y) arguments in argv."""
+  fields = []
+  pattern = re.compile(rf"^--?(?:no)?{re.escape(flag_name)}\.([^=]+)")
+  for arg in argv:
+    if arg == "--":
+      break
+    match = pattern.match(arg)
+    if match:
+      fields.append(match.group(1))
+  return fields
+
+
+class _CheckedConfigParser:
+  """Wraps ml_collections' config-file parser: after the file is loaded, the command line's
+  overrides are checked against it, before ml_collections looks any of them up."""
+
+  def __init__(self, parser, flag_name: str):
+    self._parser = parser
+    self._flag_name = flag_name
+
+  def __getattr__(self, name):
+    return getattr(self._parser, name)
+
+  def parse(self, argument):
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    config = self._parser.parse(argument)
+    argv = flags.FLAGS.read_flags_from_files(sys.argv, force_gnu=False)
+    # Inside absl's flag parsing a ValueError would become "FATAL Flags parsing error" (status
+    # 1); this is the same one-line `error:` and status 2 as every other user error.
+    errors.exit_on_user_error(
+        lambda: check_overrides(config, override_fields(argv[1:], self._flag_name),
+                                self._flag_name))
+    return config
+
+
+def DEFINE_config_file(name: str, default: str | None = None,  # pylint: disable=invalid-name
+                       help_string: str = "path to config file.", **kwargs):
+  """ml_collections' config_flags.DEFINE_config_file, with unknown override fields reported as
+  UnknownConfigFieldError (closest names, the section's fields) instead of an AttributeError."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  holder = config_flags.DEFINE_config_file(name, default, help_string, **kwargs)
+  flag_values = kwargs.get("flag_values", flags.FLAGS)
+  flag = flag_values[name]
+  flag.parser = _CheckedConfigParser(flag.parser, name)
+  return holder
 
 
 def _to_bool(key: str, text: str) -> bool:
@@ -87,6 +176,9 @@ def train_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = 500  # validation loss (and best checkpoint); 0 = only at the end
   config.checkpoint_every_steps = 500  # full-state Orbax checkpoint (async)
   config.keep_checkpoints = 3  # full-state checkpoints kept (the best one is kept separately)
+  # Resume from this checkpoint step instead of the newest readable one (-1); newer checkpoints
+  # are moved aside, so drop the override before re-running (checkpointing.py).
+  config.restore_step = -1
   config.shared_filesystem = False  # True: a local --workdir path is visible from every host (NFS)
   return config
 

@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from hybrid_jax import errors
+from hybrid_jax.data import text_files
 
 
 class EmbedError(errors.UserError):
@@ -26,22 +27,14 @@ class EmbedError(errors.UserError):
 
 
 def read_texts(path: str) -> list[str]:
-  """One text per line of a UTF-8 file (line breaks removed); errors name the file."""
-  if not os.path.isfile(path):
-    raise EmbedError(f"--input={path!r} does not exist or is not a file; expected a UTF-8 text "
-                     "file with one text per line.")
-  try:
-    with open(path, encoding="utf-8", newline="") as f:
-      content = f.read()
-  except UnicodeDecodeError as e:
-    raise EmbedError(f"--input={path!r} is not UTF-8 text ({e}); convert it, e.g. with "
-                     "iconv -t utf-8.") from e
-  except OSError as e:
-    raise EmbedError(f"cannot read --input={path!r}: {e}") from e
-  if not content:
+  """One text per line of a UTF-8 file (line breaks removed); errors name the file, and for an
+  undecodable byte its line and byte offset. A UTF-8 byte-order mark is not part of the first
+  text."""
+  hint = "; expected a UTF-8 text file with one text per line."
+  text_files.check_file(path, "--input", EmbedError, hint, allow_empty=True)
+  if os.path.getsize(path) == 0:
     raise EmbedError(f"--input={path!r} is empty; expected one text per line.")
-  if content.startswith("\ufeff"):  # a UTF-8 byte-order mark is not part of the first text
-    content = content[1:]
+  content = text_files.read_text(path, "--input", EmbedError, hint)
   lines = content.split("\n")
   if lines[-1] == "":  # the final line break ends the last line; it does not start a new text
     lines.pop()

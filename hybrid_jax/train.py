@@ -16,12 +16,12 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
+from hybrid_jax import config_lib
 from hybrid_jax import errors
 
 # Also the flags of hybrid_jax.sweep, which imports this module for them.
-CONFIG = config_flags.DEFINE_config_file(
+CONFIG = config_lib.DEFINE_config_file(
     "config", None, "Experiment config file, optionally with an argument: FILE.py:runlocal,alpha=0.3",
     lock_config=True)
 WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and evaluation "

@@ -43,6 +43,7 @@ from hybrid_jax import native_log
 from hybrid_jax import sharding
 from hybrid_jax import train_metrics
 from hybrid_jax import train_step as train_step_lib
+from hybrid_jax import workdir_lock
 from hybrid_jax.eval import evaluators as evaluators_lib
 from hybrid_jax.eval import periodic
 from hybrid_jax.models import encoder as encoder_lib
@@ -158,7 +159,8 @@ def prepare_model(config, workdir: str) -> Prepared:
   checks that the lengths fit the encoder and writes the run files (config, encoder, tokenizer)."""
   from hybrid_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (imports TF lazily)
   init = checkpointing.resolve_init(workdir, config.model.get("init_from", ""),
-                                    config.model.get("backbone", ""))
+                                    config.model.get("backbone", ""),
+                                    config.train.get("restore_step", -1))
   pretrained = None
   if init.kind == "init_from":
     from hybrid_jax.models import hf_checkpoint  # pylint: disable=g-import-not-at-top
@@ -199,11 +201,11 @@ def create_or_restore_state(prepared: Prepared, fns: train_step_lib.StepFunction
   replicated = sharding.replicated(mesh)
   init = prepared.init
   if init.kind == "resume":
-    params, opt_state = checkpointer.restore(
-        init.step, _with_shardings(fns.abstract_params, fns.param_shardings),
+    # Verified; an unreadable newest checkpoint is moved aside and an older one used.
+    step, params, opt_state = checkpointer.restore_verified(
+        init, _with_shardings(fns.abstract_params, fns.param_shardings),
         _with_shardings(fns.abstract_opt_state, fns.opt_shardings))
-    checkpointer.discard_best_after(init.step)
-    step = init.step
+    prepared.init = dataclasses.replace(init, step=step)
   else:
     if prepared.pretrained is not None:
       params = jax.device_put({"encoder": prepared.pretrained.params, **loss_cfg.initial_params()},
@@ -324,6 +326,12 @@ def _close(checkpointer, writer) -> None:
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains (or resumes) the run in `workdir`; returns final metrics and evaluation results."""
   validate_config(config, workdir)
+  # One writer per workdir, from before the first file is written (workdir_lock.py).
+  with workdir_lock.hold(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config, workdir: str) -> dict:
   started = time.time()
   train = config.train
   loss_cfg = loss_config(config)
@@ -345,7 +353,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   state = create_or_restore_state(prepared, fns, checkpointer, loss_cfg, mesh)
   step = start_step = prepared.init.step if prepared.init.kind == "resume" else 0
   _log(f"{prepared.init.describe()}; training steps {start_step} -> {train.num_steps}")
-  writer = _metric_writer(config, workdir, start_step)
+  # A fresh start (-1) drops every line an earlier, killed attempt logged before its first save.
+  writer = _metric_writer(config, workdir,
+                          start_step if prepared.init.kind == "resume" else -1)
   evaluation = periodic.PeriodicEvaluation(config, workdir, encoder_config, data.tokenizer,
                                            log=_log, training_languages=data.languages)
   validation = ValidationLoss(fns.eval_step, [to_global(b) for b in data.validation_batches(

@@ -30,6 +30,7 @@ from absl import flags
 from hybrid_jax import errors
 from hybrid_jax.data import lareqa
 from hybrid_jax.data import records
+from hybrid_jax.data import text_files
 
 _FROM = flags.DEFINE_enum("from", None, ["lareqa", "mmarco"], "Input format.")
 _OUTPUT = flags.DEFINE_string("output", None, "Output JSONL file.")
@@ -44,30 +45,27 @@ _MAX_IDS = flags.DEFINE_integer("max_ids", 0, "mmarco: keep the first N query id
 
 def _tsv_lines(path: str, num_fields: int, desc: str):
   """Yields (line_number, fields) of a TSV file; progress on stderr for big files."""
-  if not os.path.isfile(path):
-    raise records.DataError(f"{desc} file {path!r} does not exist")
+  text_files.check_file(path, f"{desc} file", records.DataError)
   size = max(os.path.getsize(path), 1)
-  start, done, next_report = time.time(), 0, 1 << 28
-  with open(path, "rb") as f:
-    for line_number, raw in enumerate(f, start=1):
-      done += len(raw)
-      if done >= next_report:
-        elapsed = time.time() - start
-        print(f"{desc}: {path}: {100 * done / size:.0f}%, ETA {elapsed / done * (size - done):.0f}s",
-              file=sys.stderr, flush=True)
-        next_report += 1 << 28
-      try:
-        line = raw.decode("utf-8").rstrip("\r\n")
-      except UnicodeDecodeError as e:
-        raise records.DataError(f"{path}:{line_number}: not UTF-8 ({e})") from e
-      if not line.strip():
-        continue
-      fields = line.split("\t")
-      if len(fields) != num_fields or not all(x.strip() for x in fields):
-        raise records.DataError(
-            f"{path}:{line_number}: expected {num_fields} non-empty tab-separated fields, found "
-            f"{len(fields)}: {line[:80]!r}")
-      yield line_number, fields
+  start, next_report = time.time(), 1 << 28
+  for line_number, offset, raw in text_files.iter_raw_lines(path, f"{desc} file",
+                                                            records.DataError):
+    done = offset + len(raw)
+    if done >= next_report:
+      elapsed = time.time() - start
+      print(f"{desc}: {path}: {100 * done / size:.0f}%, ETA {elapsed / done * (size - done):.0f}s",
+            file=sys.stderr, flush=True)
+      next_report += 1 << 28
+    line = text_files.decode_line(path, line_number, offset, raw,
+                                  records.DataError).rstrip("\r\n")
+    if not line.strip():
+      continue
+    fields = line.split("\t")
+    if len(fields) != num_fields or not all(x.strip() for x in fields):
+      raise records.DataError(
+          f"{path}:{line_number}: expected {num_fields} non-empty tab-separated fields, found "
+          f"{len(fields)}: {line[:80]!r}")
+    yield line_number, fields
 
 
 def mmarco_examples(languages: Sequence[str], queries_pattern: str, collection_pattern: str,
@@ -106,17 +104,16 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not _FROM.value or not _OUTPUT.value:
     raise app.UsageError("--from=lareqa|mmarco and --output=FILE.jsonl are required")
-  try:
+  def read_examples():
     if _FROM.value == "lareqa":
       if not _INPUT.value:
         raise app.UsageError("--from=lareqa needs --input=DIR (one <lang>.json per language)")
-      examples = lareqa.training_examples(_INPUT.value, _LANGUAGES.value or None,
-                                            _WITH_CONTEXT.value)
-    else:
-      examples = mmarco_examples(_LANGUAGES.value, _QUERIES.value, _COLLECTION.value,
-                                 _TRIPLES.value, _MAX_IDS.value)
-  except errors.UserError as e:  # data and LAReQA-format errors: one line, no traceback
-    sys.exit(f"error: {e}")
+      return lareqa.training_examples(_INPUT.value, _LANGUAGES.value or None, _WITH_CONTEXT.value)
+    return mmarco_examples(_LANGUAGES.value, _QUERIES.value, _COLLECTION.value, _TRIPLES.value,
+                           _MAX_IDS.value)
+
+  # Data and LAReQA-format errors: one `error:` line, status 2, before the output is created.
+  examples = errors.exit_on_user_error(read_examples)
   count = records.write_jsonl(_OUTPUT.value, examples)
   per_language = records.ParallelCorpus.from_examples(examples).examples_per_language()
   print(f"wrote {count} ids to {_OUTPUT.value}; ids per language: {per_language}", file=sys.stderr)

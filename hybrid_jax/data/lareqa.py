@@ -38,6 +38,7 @@ from typing import Iterable, Sequence
 from hybrid_jax import errors
 from hybrid_jax.data import locations
 from hybrid_jax.data import records
+from hybrid_jax.data import text_files
 
 
 class LareqaFormatError(errors.UserError):
@@ -74,6 +75,11 @@ class LareqaLanguage:
 
 def available_languages(data_dir: str) -> list[str]:
   """Language codes of the `<lang>.json` files in a LAReQA directory, sorted."""
+  if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+    raise LareqaFormatError(
+        f"LAReQA directory {data_dir!r} is not a directory (it is a "
+        f"{'file' if os.path.isfile(data_dir) else 'device or other special file'}); expected a "
+        "directory with one <lang>.json per language, e.g. data.path=mlqa-r.")
   if not os.path.isdir(data_dir):
     raise LareqaFormatError(locations.missing_message(
         f"LAReQA directory {data_dir!r} (one <lang>.json per language) does not exist"))
@@ -95,10 +101,13 @@ def read_language(data_dir: str, lang: str) -> LareqaLanguage:
     found = available_languages(data_dir) if os.path.isdir(data_dir) else []
     raise LareqaFormatError(
         f"Language {lang!r} has no file {path}. Languages present in {data_dir!r}: {found}.")
+  text_files.check_file(path, "LAReQA file", LareqaFormatError, allow_empty=True)
   try:
-    with open(path, encoding="utf-8") as f:
-      root = json.load(f)
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    content = text_files.read_text(path, "LAReQA file", LareqaFormatError, allow_empty=True)
+    if not content.strip():
+      raise LareqaFormatError("the file is empty")
+    root = json.loads(content)
+  except (OSError, LareqaFormatError, json.JSONDecodeError) as e:
     raise LareqaFormatError(f"{path}: cannot read as JSON: {e}") from e
   _require(isinstance(root, dict) and isinstance(root.get("data"), list), path, "top level",
            'expected {"data": [article, ...]} (SQuAD format)')

@@ -42,6 +42,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from hybrid_jax import errors
+from hybrid_jax.data import text_files
 
 _ALLOWED_TOP_KEYS = ("id", "languages", "meta")
 _TEXT_KEYS = ("query", "positive", "negative")
@@ -171,29 +172,27 @@ def _parse_negatives_by_query(value, lang: str, record_languages: set[str], wher
 
 
 def read_jsonl(path: str) -> list[ParallelExample]:
-  """Reads a parallel-examples JSONL file; errors name the file and the 1-based line."""
-  if not os.path.isfile(path):
-    raise DataError(f"Parallel-examples file {path!r} does not exist (data.path). Expected a JSONL "
-                    "file, one {\"id\", \"languages\"} object per line; see hybrid_jax/data/records.py.")
+  """Reads a parallel-examples JSONL file; errors name the file and the 1-based line (and the
+  byte offset of an undecodable byte; a byte-order mark is not part of the first record)."""
+  hint = (" (data.path). Expected a JSONL file, one {\"id\", \"languages\"} object per line; see "
+          "hybrid_jax/data/records.py.")
   examples: list[ParallelExample] = []
   first_line: dict[str, int] = {}
-  # utf-8-sig: a byte-order mark (some editors write one) is not part of the first record.
-  with open(path, encoding="utf-8-sig") as f:
-    for line_number, line in enumerate(f, start=1):
-      where = f"{path}:{line_number}"
-      if not line.strip():
-        continue  # blank lines (e.g. a trailing newline) are allowed
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno}): {line.strip()[:80]!r}"
-                        ) from e
-      example = parse_record(record, where)
-      if example.id in first_line:
-        _fail(where, f"duplicate id {example.id!r} (first seen on line {first_line[example.id]}); "
-              "put all languages of one id in one record")
-      first_line[example.id] = line_number
-      examples.append(example)
+  for line_number, line in text_files.iter_lines(path, "Parallel-examples file", DataError, hint):
+    where = f"{path}:{line_number}"
+    if not line.strip():
+      continue  # blank lines (e.g. a trailing newline) are allowed
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno}): {line.strip()[:80]!r}"
+                      ) from e
+    example = parse_record(record, where)
+    if example.id in first_line:
+      _fail(where, f"duplicate id {example.id!r} (first seen on line {first_line[example.id]}); "
+            "put all languages of one id in one record")
+    first_line[example.id] = line_number
+    examples.append(example)
   if not examples:
     raise DataError(f"{path}: no records (the file is empty)")
   return examples

@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
-import gzip
 import json
 import os
 from typing import Iterable, Iterator, Sequence
@@ -22,6 +21,7 @@ import numpy as np
 
 from hybrid_jax import errors
 from hybrid_jax.data import lareqa
+from hybrid_jax.data import text_files
 from hybrid_jax.eval import metrics as metrics_lib
 
 
@@ -150,28 +150,23 @@ def iter_jsonl(path: str, required: Sequence[str], *,
   """(line number, object) of each non-empty line of a JSONL file (.jsonl.gz read compressed),
   streamed; a line that is not a JSON object, or lacks a required field, is an `error` naming
   file:line and the field."""
-  if not os.path.isfile(path):
-    raise error(f"{what} {path} does not exist (a BEIR directory holds corpus.jsonl, "
-                "queries.jsonl and qrels/<split>.tsv).")
-  try:
-    with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz")
-          else open(path, encoding="utf-8")) as f:
-      for line_no, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise error(f"{path}:{line_no}: not a JSON object: {e}") from e
-        if not isinstance(row, dict):
-          raise error(f"{path}:{line_no}: expected a JSON object, found {type(row).__name__}")
-        missing = [k for k in required if k not in row]
-        if missing:
-          raise error(f"{path}:{line_no}: missing field(s) {missing}; expected "
-                      f"{list(required)}")
-        yield line_no, row
-  except (OSError, UnicodeDecodeError, EOFError) as e:
-    raise error(f"cannot read {path}: {e}") from e
+  # Decoded line by line: an undecodable byte is named by file, line and byte offset.
+  for line_no, line in text_files.iter_lines(
+      path, what, error, " (a BEIR directory holds corpus.jsonl, queries.jsonl and "
+      "qrels/<split>.tsv).", quote=False):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise error(f"{path}:{line_no}: not a JSON object: {e}") from e
+    if not isinstance(row, dict):
+      raise error(f"{path}:{line_no}: expected a JSON object, found {type(row).__name__}")
+    missing = [k for k in required if k not in row]
+    if missing:
+      raise error(f"{path}:{line_no}: missing field(s) {missing}; expected "
+                  f"{list(required)}")
+    yield line_no, row
 
 
 def _read_jsonl(path: str, required: Sequence[str]) -> list[dict]:
@@ -189,20 +184,17 @@ def read_qrels(path: str) -> dict[str, dict[str, float]]:
     raise CollectionError(f"BEIR qrels file {path} does not exist (found in {qrels_dir}: "
                           f"{found}); choose the split with --beir_split.")
   qrels: dict[str, dict[str, float]] = collections.defaultdict(dict)
-  try:
-    with open(path, encoding="utf-8", newline="") as f:
-      for line_no, row in enumerate(csv.reader(f, delimiter="\t"), 1):
-        if not row or (line_no == 1 and row[0] in ("query-id", "query_id", "qid")):
-          continue
-        if len(row) != 3:
-          raise CollectionError(f"{path}:{line_no}: expected 3 tab-separated fields "
-                                f"(query-id, corpus-id, score), found {len(row)}")
-        try:
-          qrels[row[0]][row[1]] = float(row[2])
-        except ValueError as e:
-          raise CollectionError(f"{path}:{line_no}: score {row[2]!r} is not a number") from e
-  except (OSError, UnicodeDecodeError) as e:
-    raise CollectionError(f"cannot read {path}: {e}") from e
+  lines = text_files.iter_lines(path, "BEIR qrels file", CollectionError, quote=False)
+  for line_no, row in enumerate(csv.reader((line for _, line in lines), delimiter="\t"), 1):
+    if not row or (line_no == 1 and row[0] in ("query-id", "query_id", "qid")):
+      continue
+    if len(row) != 3:
+      raise CollectionError(f"{path}:{line_no}: expected 3 tab-separated fields "
+                            f"(query-id, corpus-id, score), found {len(row)}")
+    try:
+      qrels[row[0]][row[1]] = float(row[2])
+    except ValueError as e:
+      raise CollectionError(f"{path}:{line_no}: score {row[2]!r} is not a number") from e
   if not qrels:
     raise CollectionError(f"{path} has no qrels rows.")
   return qrels
