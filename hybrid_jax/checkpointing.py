@@ -453,6 +453,7 @@ class Checkpointer:
             multiprocessing_options=ocp.options.MultiprocessingOptions(
                 barrier_sync_key_prefix="state")),
         item_names=_STATE_ITEMS + (INTEGRITY_ITEM,))
+    self._set_aside_bests_without_readable_metrics()
     self.best_manager = ocp.CheckpointManager(
         _path(workdir, BEST_DIR),
         options=ocp.CheckpointManagerOptions(
@@ -465,6 +466,19 @@ class Checkpointer:
         item_names=("params", INTEGRITY_ITEM))
     self._best_loss: float | None = None
     self._best_loaded = False
+
+  def _set_aside_bests_without_readable_metrics(self) -> None:
+    """Orbax reads every best checkpoint's metrics when the manager opens (to rank them) and a
+    cut metrics file stops it there, so such a best is moved aside before."""
+    for step in _step_dirs(_path(self.workdir, BEST_DIR)):
+      step_dir = _path(self.workdir, BEST_DIR, str(step))
+      metrics_file = step_dir / "metrics" / "metrics"
+      try:
+        if metrics_file.exists():
+          json.loads(metrics_file.read_text())
+      except (UnicodeDecodeError, json.JSONDecodeError, OSError) as e:
+        warn(f"best checkpoint {step_dir} is unreadable and is {move_aside(step_dir)}; the next "
+             f"validation saves a new best. Reason: its metrics cannot be read ({_one_line(e)})")
 
   def latest_step(self) -> int | None:
     return self.state_manager.latest_step()

@@ -112,3 +112,158 @@ def test_preemption_guard_turns_sigterm_into_a_request():
     os.kill(os.getpid(), signal.SIGTERM)
     assert guard.should_stop(1)
   assert signal.getsignal(signal.SIGTERM) == previous
+
+
+# --- verification of what is restored -------------------------------------------------------------
+def _largest_file(directory):
+  files = [os.path.join(d, f) for d, _, fs in os.walk(directory) for f in fs]
+  return max(files, key=os.path.getsize)
+
+
+def _corrupt(step_dir, how):
+  """What a node dying during a copy, a full disk or a bad sector leaves in a checkpoint."""
+  if how == "truncate":  # every file cut in half
+    for d, _, files in os.walk(step_dir):
+      for name in files:
+        path = os.path.join(d, name)
+        with open(path, "r+b") as f:
+          f.truncate(os.path.getsize(path) // 2)
+  elif how == "delete_file":
+    os.remove(os.path.join(step_dir, "params", "_METADATA"))
+  elif how == "garbage":  # a file overwritten with random bytes of its length
+    path = _largest_file(os.path.join(step_dir, "params"))
+    with open(path, "wb") as f:
+      f.write(np.random.default_rng(0).integers(0, 256, os.path.getsize(path), np.uint8).tobytes())
+  elif how == "bit_flip":  # one bit of the array data: Orbax itself restores it without a word
+    path = _largest_file(os.path.join(step_dir, "params"))
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 3] ^= 0x04
+    open(path, "wb").write(bytes(data))
+  else:
+    raise ValueError(how)
+
+
+def _saved_run(tmp_path, steps=(10, 20, 30)):
+  workdir = _run_dir(tmp_path)
+  ckpt = checkpointing.Checkpointer(workdir, every_steps=10, keep=5)
+  for step in steps:
+    ckpt.save(step, _params(step), _opt_state(_params(step)))
+  ckpt.save_best(20, _params(20), 1.0)
+  ckpt.wait()
+  ckpt.close()
+  return workdir
+
+
+def _abstract():
+  return (jax.eval_shape(lambda: _params(0)), jax.eval_shape(lambda: _opt_state(_params(0))))
+
+
+def _assert_params(params, step):
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(_params(step))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("how", ["truncate", "delete_file", "garbage", "bit_flip"])
+def test_corrupt_newest_checkpoint_is_moved_aside_and_the_newest_readable_used(tmp_path, capfd,
+                                                                              how):
+  workdir = _saved_run(tmp_path)
+  _corrupt(os.path.join(workdir, "checkpoints", "30"), how)
+  init = checkpointing.resolve_init(workdir)
+  assert (init.kind, init.step) == ("resume", 30)
+  ckpt = checkpointing.Checkpointer(workdir, every_steps=10, keep=5)
+  step, params, opt_state = ckpt.restore_verified(init, *_abstract())
+  assert step == 20
+  _assert_params(params, 20)
+  assert int(opt_state["count"]) == 3
+  warnings_ = [l for l in capfd.readouterr().err.splitlines() if l.startswith("WARNING")]
+  assert len(warnings_) == 1 and "checkpoints/30 is unreadable" in warnings_[0], warnings_
+  aside = [n for n in os.listdir(os.path.join(workdir, "checkpoints")) if ".corrupt-" in n]
+  assert len(aside) == 1 and aside[0].startswith("30.corrupt-") and os.path.isdir(
+      os.path.join(workdir, "checkpoints", aside[0]))  # kept, not deleted
+  assert ckpt.latest_step() == 20  # Orbax no longer lists it: step 30 is saved anew
+  assert ckpt.save(30, _params(31), _opt_state(_params(31)))
+  ckpt.wait()
+  ckpt.close()
+  assert checkpointing.available_steps(workdir)["checkpoints"] == [10, 20, 30]
+
+
+def test_no_readable_checkpoint_lists_what_was_tried(tmp_path):
+  workdir = _saved_run(tmp_path, steps=(10, 20))
+  for step, how in ((10, "bit_flip"), (20, "truncate")):
+    _corrupt(os.path.join(workdir, "checkpoints", str(step)), how)
+  ckpt = checkpointing.Checkpointer(workdir, every_steps=10, keep=5)
+  with pytest.raises(checkpointing.CheckpointConfigError,
+                     match=r"no readable checkpoint in .*checkpoints; tried 2, newest first: "
+                           r"step 20: .*cannot be read back.*step 10: .*differ from their saved "
+                           r"checksums.*new --workdir"):
+    ckpt.restore_verified(checkpointing.resolve_init(workdir), *_abstract())
+  ckpt.close()
+  assert sorted(n.split(".")[0] for n in os.listdir(os.path.join(workdir, "checkpoints"))) == [
+      "10", "20"]  # both moved aside, neither deleted
+
+
+def test_restore_step_picks_one_and_sets_newer_ones_aside(tmp_path, capfd):
+  workdir = _saved_run(tmp_path)
+  with pytest.raises(checkpointing.CheckpointConfigError, match=r"restore_step=15: .*available "
+                     r"steps: \[10, 20, 30\]"):
+    checkpointing.resolve_init(workdir, restore_step=15)
+  init = checkpointing.resolve_init(workdir, restore_step=10)
+  ckpt = checkpointing.Checkpointer(workdir, every_steps=10, keep=5)
+  step, params, _ = ckpt.restore_verified(init, *_abstract())
+  assert step == 10
+  _assert_params(params, 10)
+  assert "rewinds the run: the newer checkpoints [20, 30]" in capfd.readouterr().err
+  assert ckpt.latest_step() == 10 and ckpt.best_manager.all_steps() == []  # best 20: lost future
+  ckpt.close()
+  names = os.listdir(os.path.join(workdir, "checkpoints"))
+  assert sorted(n for n in names if ".superseded-" in n)[0].startswith("20.superseded-")
+  _corrupt(os.path.join(workdir, "checkpoints", "10"), "garbage")
+  ckpt = checkpointing.Checkpointer(workdir, every_steps=10, keep=5)
+  with pytest.raises(checkpointing.CorruptCheckpointError, match=r"restore_step=10: .*pick another"):
+    ckpt.restore_verified(checkpointing.resolve_init(workdir, restore_step=10), *_abstract())
+  ckpt.close()
+
+
+def test_corrupt_best_falls_back_to_last_for_evaluation_and_is_replaced_on_resume(tmp_path,
+                                                                                 capfd):
+  workdir = _saved_run(tmp_path)
+  _corrupt(os.path.join(workdir, "best", "20"), "bit_flip")
+  with pytest.warns(checkpointing.NoBestCheckpointWarning, match="best checkpoint is unreadable"):
+    loaded = checkpointing.load_params(workdir, "best")  # evaluate --step=best
+  assert (loaded.step, loaded.source) == (30, "last")
+  np.testing.assert_array_equal(
+      loaded.params["embeddings"]["word_embeddings"]["embedding"],
+      np.asarray(_params(30)["encoder"]["embeddings"]["word_embeddings"]["embedding"]))
+  assert "best/20 is unreadable and is moved to" in capfd.readouterr().err
+  assert [n.split(".")[0] for n in os.listdir(os.path.join(workdir, "best"))] == ["20"]
+  assert checkpointing.available_steps(workdir)["best"] == []
+  # A step asked for by number is that step or an error, never another one.
+  _corrupt(os.path.join(workdir, "checkpoints", "20"), "delete_file")
+  with pytest.raises(checkpointing.CorruptCheckpointError, match=r"step=20: .*pick another"):
+    checkpointing.load_params(workdir, "20")
+  assert checkpointing.load_params(workdir, "last").step == 30
+
+
+def test_resume_sets_a_corrupt_best_aside_and_saves_a_new_one(tmp_path, capfd):
+  workdir = _saved_run(tmp_path)
+  _corrupt(os.path.join(workdir, "best", "20"), "truncate")
+  ckpt = checkpointing.Checkpointer(workdir, every_steps=10, keep=5)
+  step, _, _ = ckpt.restore_verified(checkpointing.resolve_init(workdir), *_abstract())
+  assert step == 30
+  assert "best checkpoint" in capfd.readouterr().err
+  assert ckpt.best_validation_loss() is None  # the next validation saves a best
+  assert ckpt.save_best(40, _params(40), 5.0)
+  ckpt.wait()
+  ckpt.close()
+  assert checkpointing.available_steps(workdir)["best"] == [40]
+
+
+def test_checksums_do_not_depend_on_sharding():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("a", "b"))
+  x = jnp.arange(8 * 6, dtype=jnp.float32).reshape(8, 6) * 0.37
+  sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("a", "b")))
+  tree = {"x": x, "count": jnp.int32(3), "half": x.astype(jnp.bfloat16)}
+  assert checkpointing.tree_checksums(tree) == checkpointing.tree_checksums(
+      {**tree, "x": sharded})
+  swapped = x.at[0, 0].set(x[0, 1]).at[0, 1].set(x[0, 0])  # same words, other places
+  assert checkpointing.tree_checksums({"x": swapped}) != checkpointing.tree_checksums({"x": x})
