@@ -120,22 +120,30 @@ def test_sharded_loss_and_grads_equal_single_device(mesh_config, chunk, single_d
   assert max(float(np.abs(g).max()) for g in jax.tree.leaves(ref_grads)) > 1e-3
 
 
-@pytest.mark.parametrize("mesh_config,chunk", [
-    ([("data", -1), ("fsdp", 1)], 0),
-    ([("data", 2), ("fsdp", 4)], 8),
-], ids=["data8", "data2xfsdp4-gradcache"])
-def test_false_negative_mask_sharded_equals_single_device(mesh_config, chunk):
-  """train.mask_false_negatives on global arrays: the passage-id comparisons span all devices (a
-  row's false negative sits on another device's rows), plain and GradCache."""
+@pytest.fixture(scope="module")
+def single_device_masked_run():
+  """The false-negative-masked loss on one device (computed once for both meshes below)."""
   cfg = losses.LossConfig(hard_negatives=True, symmetric=True, mask_false_negatives=True)
   params = {"encoder": encoder_lib.init_params(ENCODER, jax.random.key(1))}
   batch = _batch(32)
   # Rows 2, 10, 18, 26 carry rows 5, 13, 21, 29's positives as hard negatives: on other devices.
   assert list(batch["negative_passage_id"][[2, 10]]) == list(batch["passage_id"][[5, 13]])
-  ref_loss, ref_aux, ref_grads = _loss_and_grads(params, batch, cfg)
+  reference = _loss_and_grads(params, batch, cfg)
   unmasked_loss, _, _ = _loss_and_grads(
       params, batch, losses.LossConfig(**{**cfg.__dict__, "mask_false_negatives": False}))
-  assert abs(unmasked_loss - ref_loss) > 1e-3  # the mask is not vacuous on this batch
+  assert abs(unmasked_loss - reference[0]) > 1e-3  # the mask is not vacuous on this batch
+  return cfg, params, batch, reference
+
+
+@pytest.mark.parametrize("mesh_config,chunk", [
+    ([("data", -1), ("fsdp", 1)], 0),
+    ([("data", 2), ("fsdp", 4)], 8),
+], ids=["data8", "data2xfsdp4-gradcache"])
+def test_false_negative_mask_sharded_equals_single_device(mesh_config, chunk,
+                                                          single_device_masked_run):
+  """train.mask_false_negatives on global arrays: the passage-id comparisons span all devices (a
+  row's false negative sits on another device's rows), plain and GradCache."""
+  cfg, params, batch, (ref_loss, ref_aux, ref_grads) = single_device_masked_run
   mesh = sharding.make_mesh(mesh_config)
   loss, aux, grads = _loss_and_grads(
       params, batch, losses.LossConfig(**{**cfg.__dict__, "chunk_size": chunk}), mesh)
