@@ -450,6 +450,9 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=every_steps,
             enable_async_checkpointing=async_save,
+            # A job killed during an asynchronous write leaves <step>.orbax-checkpoint-tmp*;
+            # with the workdir lock no other writer can own one, so opening removes them.
+            cleanup_tmp_directories=True,
             multiprocessing_options=ocp.options.MultiprocessingOptions(
                 barrier_sync_key_prefix="state")),
         item_names=_STATE_ITEMS + (INTEGRITY_ITEM,))
@@ -459,6 +462,7 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(
             max_to_keep=1, best_fn=lambda metrics: metrics[VALIDATION_METRIC], best_mode="min",
             keep_checkpoints_without_metrics=False, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
             # Both managers may save the same step at once; with several processes Orbax's
             # barriers are named by step, so each manager needs its own prefix or they collide.
             multiprocessing_options=ocp.options.MultiprocessingOptions(

@@ -307,6 +307,9 @@ def live_holder(workdir: str) -> str | None:
       record = _parse(_read_fd(fd))
       return describe(record) if record and not _lease_is_stale(record) else None
     fcntl.flock(fd, fcntl.LOCK_UN)
+    record = _parse(_read_fd(fd))  # no flock held: a lease (fallback mechanism) may still be
+    if record and "expires" in record and not _lease_is_stale(record):
+      return describe(record)
     return None
   finally:
     os.close(fd)
