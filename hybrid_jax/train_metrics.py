@@ -150,6 +150,11 @@ def peak_flops_per_device(device) -> float | None:
   return None
 
 
+def _significant(value: float) -> str:
+  """Three significant digits, without exponents: 195, 2.94, 0.234, 0.0312 (slow CPU steps)."""
+  return f"{value:.3g}" if value >= 1e-3 else f"{value:.2e}"
+
+
 class ThroughputReporter:
   """Throughput and the console line of each log interval.
 
@@ -194,7 +199,7 @@ class ThroughputReporter:
     return (f"step {step}/{self.num_steps} | loss {summary['loss']:.4f}"
             + (f" ({per_type})" if per_type else "")
             + f" | acc {summary['accuracy']:.3f} | lr {summary['learning_rate']:.2e}"
-            f" | grad {summary['grad_norm']:.3f} | {steps_per_second:.1f} steps/s, "
+            f" | grad {summary['grad_norm']:.3f} | {_significant(steps_per_second)} steps/s, "
             f"{summary['examples_per_second']:.0f} ex/s"
             + (f", {tflops:.3g} TFLOP/s/device" if tflops is not None else "")
             + f", {mfu} | ETA {format_seconds(eta)}")

@@ -379,9 +379,11 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   preempted = False
   with checkpointing.PreemptionGuard(checkpointer) as guard:
     if step == 0:
+      busy_started = time.time()
       last.update(_validate_and_keep_best(validation, checkpointer, state, 0))
       if due := evaluation.due(0, train.num_steps, start_step):
         evaluation.run(due, 0, host_params(), writer)
+      throughput.exclude(time.time() - busy_started)  # not part of the first interval's steps/s
     history = []
     while step < train.num_steps:
       state, metrics = compiled_step(state, batch)

@@ -5,7 +5,9 @@ import inspect
 import json
 
 from clu import metric_writers
+import jax
 import ml_collections
+import pytest
 
 from hybrid_jax import train_metrics
 
@@ -38,3 +40,16 @@ def test_multi_writer_with_tensorboard_writes_hparams_texts_and_scalars(tmp_path
   lines = [json.loads(l) for l in (tmp_path / train_metrics.METRICS_FILE).read_text().splitlines()]
   assert lines == [{"step": 2, "loss": 1.5}]
   assert list(tmp_path.glob("events.out.tfevents.*"))
+
+
+def test_throughput_counts_train_steps_only_and_prints_slow_steps_with_three_digits(monkeypatch):
+  clock = iter([100.0, 130.0, 130.0])  # reporter built at 100 s, report at 130 s (then restart)
+  monkeypatch.setattr(train_metrics.time, "time", lambda: next(clock))
+  reporter = train_metrics.ThroughputReporter(start_step=0, num_steps=100, batch_size=32,
+                                              flops_per_step=None, device=jax.devices()[0])
+  reporter.exclude(17.0)  # e.g. the step-0 validation: 13 s of the 30 were train steps
+  summary = {"loss": 2.0, "accuracy": 0.5, "learning_rate": 1e-4, "grad_norm": 1.0}
+  line = reporter.report(3, summary)
+  assert summary["steps_per_second"] == pytest.approx(3 / 13)
+  assert summary["examples_per_second"] == pytest.approx(96 / 13)
+  assert "| 0.231 steps/s, 7 ex/s" in line and "ETA 7m00s" in line, line
