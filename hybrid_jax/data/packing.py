@@ -176,8 +176,11 @@ def choose_num_rows(batch_lengths: Iterable[Sequence[int]], row_length: int,
 
   Args:
     batch_lengths: for each sampled batch, the token counts of all the texts it packs (queries,
-      passages and negatives together). Take the run's own plans (e.g. its first few hundred
-      steps): batch t is a pure function of (seed, t), so the sample is reproducible.
+      passages and negatives together), from the run's own plans: batch t is a pure function of
+      (seed, t), so the sample is reproducible, and FFD takes ~0.5 ms a batch, so a run can pass
+      all of its steps (then margin=1.0 cannot overflow). Sample generously otherwise: the tail
+      matters (MLQA-R hybrid batches of 32 at 40/96 tokens, L=128: steps 0..199 needed at most
+      18 rows, steps 200..2199 up to 20; benchmarks/packing.py).
     row_length: L.
     margin: headroom over the most rows any sampled batch needed, for unsampled batches with
       more or longer texts (>= 1). The rows a batch does not need are padding, so the margin is
