@@ -267,3 +267,45 @@ def test_checksums_do_not_depend_on_sharding():
       {**tree, "x": sharded})
   swapped = x.at[0, 0].set(x[0, 1]).at[0, 1].set(x[0, 0])  # same words, other places
   assert checkpointing.tree_checksums({"x": swapped}) != checkpointing.tree_checksums({"x": x})
+
+
+def test_training_resumes_past_corrupt_checkpoints_exactly(tmp_path, capfd):
+  """The issue's case in a real run: the newest checkpoints are damaged (60 cut short, 40 with
+  one flipped bit that Orbax restores silently); the same command resumes from 20 with a warning
+  per checkpoint and ends with the uninterrupted run's parameters, metrics and evaluation."""
+  import json  # pylint: disable=g-import-not-at-top
+  from hybrid_jax import trainer  # pylint: disable=g-import-not-at-top
+  from hybrid_jax import train_metrics  # pylint: disable=g-import-not-at-top
+  from train_helpers import runlocal_config  # pylint: disable=g-import-not-at-top
+
+  def config():
+    return runlocal_config("hybrid", **{
+        "train.num_steps": 60, "train.warmup_steps": 6, "train.log_every_steps": 20,
+        "train.eval_every_steps": 20, "train.checkpoint_every_steps": 20})
+
+  def metrics(workdir):
+    timing = ("steps_per_second", "examples_per_second", "tflops_per_device")
+    return [{k: v for k, v in json.loads(line).items() if k not in timing}
+            for line in open(os.path.join(workdir, train_metrics.METRICS_FILE))]
+
+  workdir = str(tmp_path / "run")
+  first = trainer.train_and_evaluate(config(), workdir)
+  expected = (checkpointing.load_params(workdir, "last").params, metrics(workdir),
+              first["evals"]["synthetic"]["summary"])
+  _corrupt(os.path.join(workdir, "checkpoints", "60"), "truncate")
+  _corrupt(os.path.join(workdir, "checkpoints", "40"), "bit_flip")
+  capfd.readouterr()
+  resumed = trainer.train_and_evaluate(config(), workdir)
+  err = capfd.readouterr().err
+  assert [l for l in err.splitlines() if l.startswith("WARNING: checkpoint")] == [
+      l for l in err.splitlines() if "is unreadable and is moved to" in l] and err.count(
+          "is unreadable and is moved to") == 2, err[-3000:]
+  assert "resuming from checkpoint step 20" in err
+  assert resumed["step"] == 60 and not resumed["preempted"]
+  assert sorted(n.split(".")[0] for n in os.listdir(os.path.join(workdir, "checkpoints"))
+                if ".corrupt-" in n) == ["40", "60"]
+  params = checkpointing.load_params(workdir, "last").params
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected[0])):
+    np.testing.assert_array_equal(a, b)
+  assert metrics(workdir) == expected[1]
+  assert resumed["evals"]["synthetic"]["summary"] == expected[2]

@@ -126,7 +126,8 @@ def test_sigkill_at_random_moments_then_rerun_ends_like_an_uninterrupted_run(tmp
   happened = []
   for i, moment in enumerate(moments):
     process, log = _start(workdir, env, tmp_path / f"attempt{i}.log")
-    happened.append((str(_kill_at(process, workdir, moment, rng)), checkpointing.latest_step(workdir)))
+    what = str(_kill_at(process, workdir, moment, rng))
+    happened.append((what, checkpointing.latest_step(workdir)))
     log.close()
   assert sum(h == "async_write" for h, _ in happened) >= 4, happened
   assert sum(h != "finished" for h, _ in happened) >= KILLS, happened
