@@ -9,6 +9,7 @@ status and that no output or workdir file was written. In process, so the table 
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -20,7 +21,6 @@ from hybrid_jax import embed
 from hybrid_jax import errors
 from hybrid_jax import trainer
 from hybrid_jax.data import convert
-from hybrid_jax.data import lareqa
 from hybrid_jax.data import synthetic
 from hybrid_jax.search import beir_eval
 from hybrid_jax.search import mkqa
@@ -186,7 +186,8 @@ CASES = [
      r"triples file '/dev/null' is a character device"),
     # --- MKQA (search/mkqa.py) ------------------------------------------------------------------
     ("mkqa_invalid_byte", _mkqa(_MKQA_LINE + b"\n" + _MKQA_LINE.replace(b"Who", b"Wh\xc0")),
-     rf"mkqa\.jsonl:2: is not UTF-8 text at byte offset {len(_MKQA_LINE) + 1 + _MKQA_LINE.index(b'Who') + 2} in the file"),
+     rf"mkqa\.jsonl:2: is not UTF-8 text at byte offset "
+     rf"{len(_MKQA_LINE) + 1 + _MKQA_LINE.index(b'Who') + 2} in the file"),
     ("mkqa_gz_invalid_byte", _mkqa(b"\xff" + _MKQA_LINE, name="mkqa.jsonl.gz"),
      r"mkqa\.jsonl\.gz:1: is not UTF-8 text at byte offset 0 of the decompressed data"),
     ("mkqa_empty", _mkqa(b"", name="mkqa.jsonl"), r"MKQA file .*mkqa\.jsonl is empty \(0 bytes\)"),
@@ -227,7 +228,7 @@ def test_bad_input_is_one_error_line_with_status_2_and_writes_nothing(tmp_path, 
   err = capfd.readouterr().err
   lines = [line for line in err.splitlines() if line.startswith("error: ")]
   assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
-  assert __import__("re").search(message, lines[0]), (name, lines[0])
+  assert re.search(message, lines[0]), (name, lines[0])
   for written in ("workdir", "out", "output"):
     assert not (inputs / written).exists(), (name, _files(inputs / written))
   if name == "evaluate_corrupt_run_file":  # nothing written besides the run files made above

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 
 from hybrid_jax import checkpointing
@@ -142,8 +143,8 @@ def test_sigkill_at_random_moments_then_rerun_ends_like_an_uninterrupted_run(tmp
   assert not _temporary_dirs(workdir)  # what the killed writes left is cleaned up on reopening
 
   reference, resumed = _final_params(reference_dir), _final_params(workdir)
-  for (path, a), b in zip(__import__("jax").tree_util.tree_flatten_with_path(reference)[0],
-                          __import__("jax").tree.leaves(resumed)):
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(reference)[0],
+                          jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(a, b, err_msg=str(path))
   assert _deterministic_metrics(workdir) == _deterministic_metrics(reference_dir)
   assert _final_evaluation(workdir) == _final_evaluation(reference_dir)
