@@ -180,6 +180,11 @@ def test_packed_inputs_keep_the_parameter_tree_and_check_their_arguments():
   shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
   assert shapes(nn.meta.unbox(packed_tree)) == shapes(padded_tree)  # same names, same shapes
   inputs = _packed_inputs(packed)
+  # Dropout and remat trace with packed rows too; outputs are per text, hidden states per row.
+  out = jax.eval_shape(lambda p: encoder_lib.Encoder(config.replace(remat=True)).apply(
+      {"params": p}, **inputs, deterministic=False, rngs={"dropout": jax.random.key(1)}),
+      padded_tree)
+  assert out.embedding.shape == (2, 32) and out.last_hidden_state.shape == (2, 8, 32)
   with pytest.raises(encoder_lib.EncoderConfigError, match="missing .'segment_index'."):
     model.init(jax.random.key(0), packed.input_ids, segment_ids=packed.segment_ids,
                segment_positions=packed.segment_positions)
