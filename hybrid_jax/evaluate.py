@@ -20,12 +20,12 @@ import sys
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
+from hybrid_jax import config_lib
 from hybrid_jax import errors
 from hybrid_jax.eval import runner
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = config_lib.DEFINE_config_file(
     "config", None, "Experiment config (optional): query/passage prefixes from config.data; "
     "with --workdir, the model section.", lock_config=True)
 _MODEL = flags.DEFINE_string("model", "", "Hugging Face model directory to evaluate.")

@@ -15,11 +15,11 @@ from __future__ import annotations
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
+from hybrid_jax import config_lib
 from hybrid_jax import errors
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = config_lib.DEFINE_config_file(
     "config", None, "Experiment config file, optionally with an argument: FILE.py:batch_size=128",
     lock_config=True)
 _TARGET = flags.DEFINE_string(

@@ -47,8 +47,10 @@ class JsonlWriter:
     self.path = epath.Path(workdir) / METRICS_FILE
     if resume_step is not None and self.path.exists():
       # Lines past the checkpoint belong to a future that was lost; the resumed run rewrites them.
-      kept = [line for line in self.path.read_text().splitlines()
-              if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+      # So does a last line cut by a kill during its write (it does not decode).
+      text = self.path.read_bytes().decode("utf-8", errors="replace")
+      kept = [line for line in text.splitlines()
+              if _decodes(line) and json.loads(line).get("step", 0) <= resume_step]
       self.path.write_text("".join(line + "\n" for line in kept))
     self._lines: list[str] = []
 
@@ -91,14 +93,22 @@ class JsonlWriter:
     pass  # the run's hyperparameters are <workdir>/config.json already; metrics.jsonl is scalars
 
 
+def _decodes(line: str) -> bool:
+  """A whole JSON object: not blank, not cut short by a process killed while writing it."""
+  try:
+    return isinstance(json.loads(line), dict) if line.strip() else False
+  except json.JSONDecodeError:
+    return False
+
+
 def logged_validation(workdir: str) -> dict[str, float]:
   """From <workdir>/metrics.jsonl: the first validation loss logged (as
   validation/loss_at_start) and the last one (validation/loss); {} when none was logged."""
   path = epath.Path(workdir) / METRICS_FILE
   found = {}
   if path.exists():
-    for line in path.read_text().splitlines():
-      record = json.loads(line) if line.strip() else {}
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+      record = json.loads(line) if _decodes(line) else {}
       if "validation/loss" in record:
         found.setdefault("validation/loss_at_start", record["validation/loss"])
         found["validation/loss"] = record["validation/loss"]

@@ -151,3 +151,11 @@ def test_sigkill_at_random_moments_then_rerun_ends_like_an_uninterrupted_run(tmp
   steps = [l["step"] for l in _deterministic_metrics(workdir) if "loss" in l]
   assert steps == list(range(EVERY, STEPS + 1, EVERY))
   assert re.search(r"done at step 45", open(tmp_path / "final.log").read())
+
+
+def test_a_metrics_line_cut_by_a_kill_is_dropped_on_resume(tmp_path):
+  path = tmp_path / train_metrics.METRICS_FILE
+  path.write_text('{"step": 3, "loss": 1.5}\n{"step": 6, "validation/loss": 2.5}\n{"step": 9, "lo')
+  assert train_metrics.logged_validation(str(tmp_path))["validation/loss"] == 2.5
+  train_metrics.JsonlWriter(str(tmp_path), resume_step=6)
+  assert path.read_text() == '{"step": 3, "loss": 1.5}\n{"step": 6, "validation/loss": 2.5}\n'

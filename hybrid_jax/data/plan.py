@@ -16,15 +16,15 @@ import sys
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 import numpy as np
 
+from hybrid_jax import config_lib
 from hybrid_jax import errors
 from hybrid_jax.data import records
 from hybrid_jax.data import sampler as sampler_lib
 from hybrid_jax.data import sources
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
+_CONFIG = config_lib.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                           lock_config=True)
 _START = flags.DEFINE_integer("start", 0, "First step to print.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Number of steps to print.")
