@@ -74,14 +74,17 @@ import jax
 import jax.numpy as jnp
 
 from hybrid_jax import errors
+from hybrid_jax.data import packing
 
 # Row batch types: per-type loss sums are indexed by the batch_type ids the sampler writes, so the
 # names come from their one owner (a leaf module: no data pipeline is imported here).
 from hybrid_jax.data.row_types import ROW_TYPE_NAMES as BATCH_TYPE_NAMES
 MAX_SCALE = 100.0  # learnable temperature: the scale is clipped here (CLIP's choice)
 
-# (params["encoder"], input_ids [N, L], attention_mask [N, L], dropout key or None) -> [N, D]
-EncodeFn = Callable[[Any, jax.Array, jax.Array, jax.Array | None], jax.Array]
+# (params["encoder"], input_ids [N, L], attention_mask [N, L], dropout key or None) -> [N, D].
+# A packed loss (LossConfig.packed) calls it as (params, input_ids [R, L], None, key,
+# segment_ids=, segment_positions=, segment_index= [N, 2]) -> [N, D] (train_step.make_encode_fn).
+EncodeFn = Callable[..., jax.Array]
 
 
 class LossConfigError(errors.UserError):
@@ -100,10 +103,13 @@ class LossConfig:
   mask_same_id: bool = True  # rows sharing a question id are never negatives of each other
   chunk_size: int = 0  # > 0: GradCache with chunks of this many rows; 0: plain
   mask_false_negatives: bool = False  # candidates that are the row's own positive passage dropped
+  packed: bool = False  # towers come as packed rows (data.packing), not padded arrays
 
   @classmethod
-  def from_train_config(cls, train_config, hard_negatives: bool = False) -> "LossConfig":
-    """From config.train (and config.data.hard_negatives, which decides the batch features)."""
+  def from_train_config(cls, train_config, hard_negatives: bool = False,
+                        packed: bool = False) -> "LossConfig":
+    """From config.train (and config.data.hard_negatives / data.packing, which decide the batch
+    features)."""
     return cls(temperature=float(train_config.temperature),
                learnable_temperature=bool(train_config.learnable_temperature),
                in_batch_negatives=bool(train_config.get("in_batch_negatives", True)),
@@ -111,7 +117,8 @@ class LossConfig:
                symmetric=bool(train_config.symmetric_loss),
                mask_same_id=bool(train_config.mask_same_id),
                chunk_size=int(train_config.gradcache_chunk_size),
-               mask_false_negatives=bool(train_config.get("mask_false_negatives", False)))
+               mask_false_negatives=bool(train_config.get("mask_false_negatives", False)),
+               packed=bool(packed))
 
   def validate(self) -> None:
     if not self.temperature > 0:
@@ -124,12 +131,22 @@ class LossConfig:
     if self.chunk_size < 0:
       raise LossConfigError(f"train.gradcache_chunk_size must be >= 0 (0 = plain loss), found "
                             f"{self.chunk_size}")
+    if self.chunk_size and self.packed:
+      # GradCache chunks batch rows, but packed rows hold texts of many batch rows: chunking them
+      # needs a packing per chunk, which is not implemented yet.
+      raise LossConfigError(
+          f"train.gradcache_chunk_size={self.chunk_size} with data.packing=True is not supported "
+          "yet: set train.gradcache_chunk_size=0 (plain loss) or data.packing=False.")
 
   def required_features(self) -> tuple[str, ...]:
-    features = ["query_input_ids", "query_attention_mask", "passage_input_ids",
-                "passage_attention_mask", "batch_type"]
-    if self.hard_negatives:
-      features += ["negative_input_ids", "negative_attention_mask"]
+    if self.packed:
+      features = [*packing.PACKED_ROW_KEYS, *map(packing.segment_index_key, self.tower_names()),
+                  "batch_type"]
+    else:
+      features = ["query_input_ids", "query_attention_mask", "passage_input_ids",
+                  "passage_attention_mask", "batch_type"]
+      if self.hard_negatives:
+        features += ["negative_input_ids", "negative_attention_mask"]
     if self.mask_same_id:
       features.append("question_id")
     if self.mask_false_negatives:
@@ -143,6 +160,9 @@ class LossConfig:
     missing = [k for k in self.required_features() if k not in batch]
     if missing:
       reasons = []
+      if any(k.startswith("packed_") or k.endswith("_segment_index") for k in missing):
+        reasons.append("a packed loss (data.packing=True) needs packed_* rows and *_segment_index "
+                       "(TrainingData.train_batches(..., packing_layout=...) adds them)")
       if any(k.startswith("negative_") for k in missing):
         reasons.append("hard_negatives=True needs negative_* arrays (set data.hard_negatives=True "
                        "so the pipeline produces them)")
@@ -161,6 +181,10 @@ class LossConfig:
         raise LossConfigError(
             f"train.gradcache_chunk_size={self.chunk_size} does not divide the global batch of "
             f"{rows} rows; choose a divisor of the batch size (or 0 for the plain loss).")
+
+  def tower_names(self) -> tuple[str, ...]:
+    """The towers the loss encodes, in order: query, passage[, negative]."""
+    return ("query", "passage") + (("negative",) if self.hard_negatives else ())
 
   def initial_params(self) -> dict:
     """The loss's own trainable parameters (merged into the trainer's params)."""
@@ -316,6 +340,9 @@ def batch_loss(encode_fn: EncodeFn, params: Mapping[str, Any], batch: Mapping[st
 
   params: {"encoder": encoder params[, "log_scale": scalar]}; rng: dropout key, None = no dropout.
   """
+  if config.packed:
+    return loss_on_embeddings(_packed_embeddings(encode_fn, params, batch, rng, config), params,
+                              batch, config)
   # Towers with the same padded length go through the encoder as ONE call of [B * k, L] rows: one
   # encoder graph to compile instead of k, and bigger matmuls. Rows are independent, so the
   # embeddings are the same as with separate calls (dropout masks differ, as with any key).
@@ -335,6 +362,23 @@ def batch_loss(encode_fn: EncodeFn, params: Mapping[str, Any], batch: Mapping[st
     for i, (name, *_rest) in enumerate(members):
       embeddings[name] = emb[:, i]
   return loss_on_embeddings(embeddings, params, batch, config)
+
+
+def _packed_embeddings(encode_fn: EncodeFn, params, batch, rng, config: LossConfig) -> dict:
+  """{tower: [B, D]} from the batch's packed rows (data/packing.py pack_towers): every tower's
+  texts in ONE encoder call over the shared rows."""
+  towers = config.tower_names()
+  # [B, k, 2] -> [B * k, 2], interleaved like the padded path, so that each device's block of the
+  # batch (and of the rows its index points into) stays on that device.
+  index = jnp.stack([batch[packing.segment_index_key(t)] for t in towers], axis=1)
+  b, k, _ = index.shape
+  # Dropout masks differ from the padded path's (other shapes), as with any key.
+  emb = encode_fn(params["encoder"], batch["packed_input_ids"], None, _tower_rng(rng, 0),
+                  segment_ids=batch["packed_segment_ids"],
+                  segment_positions=batch["packed_segment_positions"],
+                  segment_index=index.reshape(b * k, 2))
+  emb = emb.reshape(b, k, -1)
+  return {name: emb[:, i] for i, name in enumerate(towers)}
 
 
 def value_and_grad(encode_fn: EncodeFn, params, batch, rng, config: LossConfig):

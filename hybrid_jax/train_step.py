@@ -37,13 +37,17 @@ class TrainState:
 
 
 def make_encode_fn(encoder_config: encoder_lib.EncoderConfig) -> losses.EncodeFn:
-  """(params, input_ids, attention_mask, dropout key or None) -> L2-normalised [N, D] float32."""
+  """(params, input_ids, attention_mask, dropout key or None) -> L2-normalised [N, D] float32.
+
+  Packed rows (losses.LossConfig.packed): attention_mask None and segment_ids=,
+  segment_positions=, segment_index= [N, 2] as keywords; the embeddings are per text, [N, D].
+  """
   model = encoder_lib.Encoder(encoder_config)
 
-  def encode(params, input_ids, attention_mask, rng):
+  def encode(params, input_ids, attention_mask, rng, **packed):
     rngs = {} if rng is None else {"dropout": rng}
     return model.apply({"params": params}, input_ids, attention_mask, deterministic=rng is None,
-                       rngs=rngs).embedding
+                       rngs=rngs, **packed).embedding
   return encode
 
 

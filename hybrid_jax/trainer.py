@@ -58,12 +58,14 @@ TrainingDivergedError = errors.TrainingDivergedError
 # --- config checks -------------------------------------------------------------------------------
 def loss_config(config) -> losses.LossConfig:
   return losses.LossConfig.from_train_config(config.train,
-                                             hard_negatives=config.data.hard_negatives)
+                                             hard_negatives=config.data.hard_negatives,
+                                             packed=bool(config.data.get("packing", False)))
 
 
 def validate_config(config, workdir: str, *, num_devices: int | None = None,
                     process_count: int | None = None) -> None:
   """Every check that needs no data and no compile; raises ValueError subclasses."""
+  from hybrid_jax.data import packing  # pylint: disable=g-import-not-at-top
   from hybrid_jax.data import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
 
   num_devices = jax.device_count() if num_devices is None else num_devices
@@ -95,6 +97,7 @@ def validate_config(config, workdir: str, *, num_devices: int | None = None,
   shards = sharding.batch_sizes(train.batch_size, dict(zip(names, sizes)), process_count).num_shards
   loss_cfg = loss_config(config)
   loss_cfg.validate()
+  packing.check_config(config.data)
   if loss_cfg.chunk_size and train.batch_size % loss_cfg.chunk_size:
     raise TrainConfigError(
         f"config.train.gradcache_chunk_size={loss_cfg.chunk_size} does not divide "
@@ -308,10 +311,16 @@ def _validate_and_keep_best(validation: ValidationLoss, checkpointer, state, ste
 def _global_batch_fn(loss_cfg: losses.LossConfig, mesh, global_batch_size: int):
   """host batch -> the global batch of the features the loss reads, laid out on the mesh."""
   features = loss_cfg.required_features()
+  # Packed rows (data.packing) are not batch rows: R / P per host, assembled to R.
+  rows = [k for k in features if k.startswith("packed_")]
 
   def to_global(host_batch):
     loss_cfg.check_batch(host_batch)  # a clear error, not a KeyError, if a feature is missing
-    return sharding.host_to_global({k: host_batch[k] for k in features}, mesh, global_batch_size)
+    out = sharding.host_to_global({k: host_batch[k] for k in features if k not in rows}, mesh,
+                                  global_batch_size)
+    if rows:
+      out.update(sharding.host_to_global({k: host_batch[k] for k in rows}, mesh))
+    return out
   return to_global
 
 
@@ -342,6 +351,10 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   data, encoder_config = prepared.data, prepared.encoder_config
   _log(data.summary(train.batch_size))
   _log(_setup_line(mesh, sharding.batch_sizes(train.batch_size, mesh), encoder_config, loss_cfg))
+  packing_layout = data.packing_layout(train.batch_size, sharding.num_batch_shards(mesh),
+                                       train.num_steps, jax.process_count())  # None: padded
+  if packing_layout is not None:
+    _log(packing_layout.summary())
   to_global = _global_batch_fn(loss_cfg, mesh, train.batch_size)
 
   # --- step functions, state, writers, validation, evaluators -------------------------------------
@@ -359,7 +372,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   evaluation = periodic.PeriodicEvaluation(config, workdir, encoder_config, data.tokenizer,
                                            log=_log, training_languages=data.languages)
   validation = ValidationLoss(fns.eval_step, [to_global(b) for b in data.validation_batches(
-      train.batch_size, jax.process_index(), jax.process_count())], writer)
+      train.batch_size, jax.process_index(), jax.process_count(), packing_layout)], writer)
   # A resumed (or finished) run reports what its earlier part logged until it validates anew.
   last = {"validation/loss": None,
           **(train_metrics.logged_validation(workdir) if start_step else {})}
@@ -371,7 +384,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   if step < train.num_steps:
     batches = (to_global(b) for b in data.train_batches(
         train.batch_size, start_step=start_step, process_index=jax.process_index(),
-        process_count=jax.process_count()))
+        process_count=jax.process_count(), packing_layout=packing_layout))
     batch = next(batches)
     compiled_step, throughput = compile_train_step(fns.train_step, state, batch, train, start_step)
 

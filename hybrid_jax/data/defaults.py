@@ -44,6 +44,11 @@ def data_config(batch_type: str = "hybrid", real_data: bool = False, *,
   config.passage_max_length = 128 if real_data else 24  # raise (e.g. 256) with passage_with_context
   config.passage_with_context = False  # lareqa: passage = gold sentence + " " + its paragraph
   config.hard_negatives = False  # add each row's hard negative passage (negative_* arrays)
+  # Packed sequences (data/packing.py): several texts per row instead of one padded row each;
+  # the same embeddings and loss, fewer padding tokens. Off by default.
+  config.packing = False
+  config.packing_row_length = 128  # L of the packed rows (>= query/passage_max_length)
+  config.packing_rows = 0  # R per global batch (a multiple of the batch shards); 0 = chosen
   # --- held-out test part (lareqa; data/lareqa.py HeldoutSplit) and validation ---
   # A share of the question ids, whole articles at a time, that training never sees (nor any
   # sentence of those articles); evaluate them with `evaluate --part=test`. 0 = train on all.

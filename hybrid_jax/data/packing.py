@@ -204,3 +204,116 @@ def choose_num_rows(batch_lengths: Iterable[Sequence[int]], row_length: int,
   return RowsChoice(num_rows=rows, row_length=row_length, max_needed=max(needed),
                     mean_needed=float(np.mean(needed)), num_batches=len(needed), margin=margin,
                     multiple_of=multiple_of, max_real_tokens=max(real))
+
+
+# --- training batches: every tower's texts of a batch shard in that shard's own rows ------------
+# Keys a packed batch adds (the padded *_input_ids / *_attention_mask stay on the host batch; the
+# loss only ships these to the devices when data.packing is on, losses.LossConfig.packed):
+#   packed_input_ids, packed_segment_ids, packed_segment_positions   [r, L] (r = rows on this host)
+#   {tower}_segment_index                                             [b, 2] (row, segment id)
+PACKED_ROW_KEYS = ("packed_input_ids", "packed_segment_ids", "packed_segment_positions")
+TOWERS = ("query", "passage", "negative")  # the loss's towers, in its order (losses._TOWERS)
+
+
+def segment_index_key(tower: str) -> str:
+  return f"{tower}_segment_index"
+
+
+@dataclasses.dataclass(frozen=True)
+class PackingLayout:
+  """How a run packs its batches (data.packing): ONE shared set of rows for all towers.
+
+  The global batch of B rows is split into `num_shards` contiguous blocks (the batch shards of the
+  mesh, as host_to_global lays them out); block s's query, passage and negative texts are packed
+  into its own `rows_per_shard` rows, global rows [s * rows_per_shard, (s + 1) * rows_per_shard).
+  So the packed rows split over the batch axes exactly like the batch rows do, and every
+  `{tower}_segment_index` of a batch row points into rows on the same device: pooling is local.
+  A shared set (not one per tower) because queries and passages then share rows and padding, and
+  the encoder runs once.
+  """
+  num_shards: int  # S: batch shards (sharding.num_batch_shards)
+  rows_per_shard: int  # R / S
+  row_length: int  # L
+  towers: tuple[str, ...]  # ("query", "passage"[, "negative"])
+  choice: RowsChoice | None = None  # how rows_per_shard was chosen (None: data.packing_rows)
+
+  @property
+  def num_rows(self) -> int:
+    """R: rows of the global batch."""
+    return self.num_shards * self.rows_per_shard
+
+  def summary(self) -> str:
+    head = (f"packing: {self.num_rows} rows x {self.row_length} tokens per global batch "
+            f"({self.rows_per_shard} per batch shard x {self.num_shards} shards; towers "
+            f"{'+'.join(self.towers)} share them)")
+    if self.choice is None:
+      return head + "; rows from data.packing_rows"
+    c = self.choice
+    return (head + f"; chosen by first-fit decreasing over {c.num_batches} sampled shard batches: "
+            f"{c.mean_needed:.1f} rows needed on average, at most {c.max_needed}, margin "
+            f"{c.margin:g}")
+
+
+def check_config(data_config) -> None:
+  """data.packing_* fields (when data.packing is on): PackingError naming the fix."""
+  if not data_config.get("packing", False):
+    return
+  row_length = int(data_config.packing_row_length)
+  longest = max(int(data_config.query_max_length), int(data_config.passage_max_length))
+  if row_length < longest:
+    raise PackingError(
+        f"data.packing_row_length={row_length} is shorter than the longest text a batch can "
+        f"hold ({longest} tokens: data.query_max_length / data.passage_max_length); raise it to "
+        f">= {longest}, e.g. 128.")
+  if int(data_config.packing_rows) < 0:
+    raise PackingError(f"data.packing_rows must be >= 0 (0 = chosen from the run's batches), "
+                       f"found {data_config.packing_rows}")
+
+
+def shard_lengths(tower_lengths: Sequence[np.ndarray], num_shards: int) -> list[np.ndarray]:
+  """The lengths of the texts each of `num_shards` contiguous row blocks packs, from each tower's
+  [B] text lengths (the order `pack_towers` packs them in)."""
+  rows = len(tower_lengths[0])
+  if rows % num_shards:
+    raise PackingError(f"a batch of {rows} rows does not split into {num_shards} batch shards")
+  per = rows // num_shards
+  return [np.concatenate([np.asarray(l)[s * per:(s + 1) * per] for l in tower_lengths])
+          for s in range(num_shards)]
+
+
+def pack_towers(batch, layout: PackingLayout, first_shard: int = 0,
+                num_shards: int | None = None, pad_token_id: int = 0) -> dict[str, np.ndarray]:
+  """The packed arrays of a (host-local) padded batch: PACKED_ROW_KEYS [n * R/S, L] and each
+  tower's segment index [b, 2], in global row numbers.
+
+  Args:
+    batch: the padded {tower}_input_ids / {tower}_attention_mask [b, *] of layout.towers.
+    layout: the run's PackingLayout.
+    first_shard: global index of this host's first batch shard (process_index * S / P).
+    num_shards: batch shards in `batch` (S / P on each of P hosts; default layout.num_shards).
+    pad_token_id: the tokenizer's, on padding.
+  """
+  num_shards = layout.num_shards if num_shards is None else num_shards
+  towers = layout.towers
+  sequences = {t: sequences_from_padded(batch[f"{t}_input_ids"], batch[f"{t}_attention_mask"])
+               for t in towers}
+  rows = len(sequences[towers[0]])
+  if rows % num_shards:
+    raise PackingError(f"a batch of {rows} rows does not split into {num_shards} batch shards")
+  per = rows // num_shards
+  parts = {k: [] for k in PACKED_ROW_KEYS}
+  index = {t: np.zeros((rows, 2), np.int32) for t in towers}
+  for s in range(num_shards):
+    block = slice(s * per, (s + 1) * per)
+    texts = [x for t in towers for x in sequences[t][block]]  # tower by tower, rows in order
+    packed = pack(texts, layout.rows_per_shard, layout.row_length, pad_token_id)
+    shard_index = packed.segment_index.copy()
+    shard_index[:, 0] += (first_shard + s) * layout.rows_per_shard  # global row numbers
+    for j, t in enumerate(towers):
+      index[t][block] = shard_index[j * per:(j + 1) * per]
+    parts["packed_input_ids"].append(packed.input_ids)
+    parts["packed_segment_ids"].append(packed.segment_ids)
+    parts["packed_segment_positions"].append(packed.segment_positions)
+  out = {k: np.concatenate(v) for k, v in parts.items()}
+  out.update({segment_index_key(t): index[t] for t in towers})
+  return out

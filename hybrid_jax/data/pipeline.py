@@ -29,6 +29,13 @@ Batch arrays (b = B / P rows on this host):
                 gives for the positive's language (or, if it names one, for the row's query language)
   batch_type    [b] int32  0 mono, 1 xy, 2 mixed (row_types.ROW_TYPE_IDS)
 
+Packed batches (data.packing, off by default; data/packing.py PackingLayout): the trainer asks
+`packing_layout(...)` for the run's row count and passes it to train_batches / validation_batches,
+which then add packed_input_ids / packed_segment_ids / packed_segment_positions [r, L] (r = this
+host's share of the R rows) and query_/passage_/negative_segment_index [b, 2] to every batch: each
+batch shard's texts in that shard's own rows, packed on the host after tf.data (~1 ms a batch), so
+batch t stays a pure function of (seed, t) and a too-full batch is a PackingError, not a TF error.
+
 tf.data only turns plans into padded arrays: a parallel map runs the NumPy sampler per step, a
 second parallel map gathers the token ids from ragged tables and pads them, then prefetch.
 TensorFlow is imported lazily (tf_runtime.py), sees no GPU/TPU, and uses a private pool of
@@ -37,10 +44,12 @@ data.tf_threads threads.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterator
 
 import numpy as np
 
+from hybrid_jax.data import packing
 from hybrid_jax.data import passage_ids
 from hybrid_jax.data import records
 from hybrid_jax.data import sampler as sampler_lib
@@ -54,6 +63,10 @@ BATCH_KEYS = ("query_input_ids", "query_attention_mask", "passage_input_ids",
               "passage_attention_mask", "question_id", "passage_id", "relevant_passage_ids",
               "query_lang", "passage_lang", "batch_type")
 NEGATIVE_KEYS = ("negative_input_ids", "negative_attention_mask", "negative_passage_id")
+# packing_layout with data.packing_rows = 0: R from the plans of the first steps (all of a shorter
+# run, then no margin is needed: no batch can need more rows than the most any of them needed).
+PACKING_SAMPLE_STEPS = 2000
+PACKING_MARGIN = 1.1
 
 def resolve_tokenizer(config, data_config) -> tokenization.Tokenizer:
   """config.model.tokenizer, else the synthetic source's own, else config.model.init_from."""
@@ -159,16 +172,90 @@ class TrainingData:
     batch["batch_type"] = np.full(len(plan), plan.batch_type_id, dtype=np.int32)
     return batch
 
+  # --- packing --------------------------------------------------------------------------------
+  @property
+  def towers(self) -> tuple[str, ...]:
+    """The text fields of a batch, in the loss's order."""
+    return ("query", "passage") + (("negative",) if self.negatives is not None else ())
+
+  def tower_lengths(self, plan: sampler_lib.BatchPlan) -> list[np.ndarray]:
+    """Token counts [b] of each tower's texts of a plan (what packing places)."""
+    lengths = [self.queries.lengths(plan.example, plan.query_lang),
+               self.positives.lengths(plan.example, plan.passage_lang)]
+    if self.negatives is not None:
+      column = self.corpus.negative_column(plan.query_lang, plan.passage_lang)
+      lengths.append(self.negatives.lengths(plan.example, column))
+    return lengths
+
+  def _shard_lengths(self, plans, num_shards: int):
+    for plan in plans:
+      yield from packing.shard_lengths(self.tower_lengths(plan), num_shards)
+
+  def packing_layout(self, global_batch_size: int, num_shards: int, num_steps: int,
+                     process_count: int = 1) -> packing.PackingLayout | None:
+    """The run's packed shape when data.packing is on (None when off).
+
+    Rows per batch shard: data.packing_rows / num_shards, or (packing_rows 0) the most rows first-
+    fit decreasing needs for any batch shard of steps 0 .. min(num_steps, PACKING_SAMPLE_STEPS) - 1
+    of the global plans, times PACKING_MARGIN unless that covered every step. A pure function of
+    the config and num_steps: the same on every host and after a resume.
+    """
+    c = self.config
+    if not c.get("packing", False):
+      return None
+    packing.check_config(c)
+    if num_shards < 1 or global_batch_size % num_shards or num_shards % process_count:
+      raise packing.PackingError(
+          f"packing needs the batch of {global_batch_size} rows to split into {num_shards} batch "
+          f"shards, {num_shards // max(process_count, 1)} on each of {process_count} hosts")
+    if c.packing_rows:
+      if c.packing_rows % num_shards:
+        raise packing.PackingError(
+            f"data.packing_rows={c.packing_rows} is not a multiple of the {num_shards} batch "
+            f"shards (each shard packs its rows into its own R / {num_shards}); use a multiple, "
+            f"or 0 to choose from the run's batches.")
+      return packing.PackingLayout(num_shards, c.packing_rows // num_shards, c.packing_row_length,
+                                   self.towers)
+    sampled = max(1, min(num_steps, PACKING_SAMPLE_STEPS))
+    plans = (self.plan(t, global_batch_size) for t in range(sampled))
+    choice = packing.choose_num_rows(self._shard_lengths(plans, num_shards),
+                                     c.packing_row_length,
+                                     margin=1.0 if sampled >= num_steps else PACKING_MARGIN)
+    return packing.PackingLayout(num_shards, choice.num_rows, c.packing_row_length, self.towers,
+                                 choice)
+
+  def _validation_layout(self, layout: packing.PackingLayout, plans) -> packing.PackingLayout:
+    """Validation batches are a fixed list: their rows are the most any of their shards needs
+    (exact, so they cannot overflow), whatever the training rows are."""
+    choice = packing.choose_num_rows(self._shard_lengths(plans, layout.num_shards),
+                                     layout.row_length, margin=1.0)
+    return dataclasses.replace(layout, rows_per_shard=choice.num_rows, choice=choice)
+
+  def pack_batch(self, batch: dict[str, np.ndarray], layout: packing.PackingLayout | None,
+                 process_index: int = 0, process_count: int = 1) -> dict[str, np.ndarray]:
+    """`batch` (host-local, padded) with the packed arrays of `layout` added (None: as is)."""
+    if layout is None:
+      return batch
+    shards_here = layout.num_shards // process_count
+    return {**batch, **packing.pack_towers(batch, layout, first_shard=process_index * shards_here,
+                                           num_shards=shards_here,
+                                           pad_token_id=self.tokenizer.pad_token_id)}
+
   # --- batches --------------------------------------------------------------------------------
   def train_batches(self, global_batch_size: int, start_step: int = 0, process_index: int = 0,
-                    process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-    """Endless host-local batches for steps start_step, start_step + 1, ... (tf.data)."""
+                    process_count: int = 1, packing_layout: packing.PackingLayout | None = None
+                    ) -> Iterator[dict[str, np.ndarray]]:
+    """Endless host-local batches for steps start_step, start_step + 1, ... (tf.data); with a
+    packing_layout, packed too (see the module docstring)."""
     host_size = sampler_lib.host_batch_size(global_batch_size, process_count)
     self.sampler.check_batch_size(global_batch_size)
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index {process_index} is outside [0, {process_count})")
     dataset = self._dataset(global_batch_size, host_size, start_step, process_index, process_count)
-    return dataset.as_numpy_iterator()
+    if packing_layout is None:
+      return dataset.as_numpy_iterator()
+    return (self.pack_batch(b, packing_layout, process_index, process_count)
+            for b in dataset.as_numpy_iterator())
 
   def _dataset(self, global_batch_size, host_size, start_step, process_index, process_count):
     tf = tf_runtime.import_tensorflow(self.config.tf_threads)
@@ -238,7 +325,9 @@ class TrainingData:
     return self._tables
 
   def validation_batches(self, global_batch_size: int, process_index: int = 0,
-                         process_count: int = 1) -> list[dict[str, np.ndarray]]:
+                         process_count: int = 1,
+                         packing_layout: packing.PackingLayout | None = None
+                         ) -> list[dict[str, np.ndarray]]:
     """The fixed list of data.validation_batches host-local batches of held-out ids ([] if none).
 
     The list alternates the batch types of data.validation_batch_type (default hybrid: mono, xy,
@@ -251,7 +340,11 @@ class TrainingData:
       return []
     plans = self.validation_sampler.validation_plans(global_batch_size,
                                                      self.config.validation_batches)
-    return [self.host_batch(p.host_slice(process_index, process_count)) for p in plans]
+    batches = [self.host_batch(p.host_slice(process_index, process_count)) for p in plans]
+    if packing_layout is None:
+      return batches
+    layout = self._validation_layout(packing_layout, plans)
+    return [self.pack_batch(b, layout, process_index, process_count) for b in batches]
 
   # --- reporting ------------------------------------------------------------------------------
   @property
