@@ -63,6 +63,12 @@ Batch features each loss needs (fail fast, before compiling, via `check_batch`):
   question_id                                                                          mask_same_id
   passage_id, relevant_passage_ids (+ negative_passage_id)                        mask_false_negatives
   batch_type                                                                           always (metrics)
+With packed rows (data.packing, LossConfig.packed) the tower arrays are replaced by
+  packed_input_ids, packed_segment_ids, packed_segment_positions  [R, L]  one set for all towers
+  query_segment_index, passage_segment_index (+ negative_segment_index)  [B, 2] (row, segment)
+(data/packing.py pack_towers): one encoder call gives every tower's [B, D] embeddings, equal to the
+padded ones up to float rounding, so the loss and its masks are unchanged. GradCache does not
+take packed rows yet (LossConfig.validate says so).
 """
 
 from __future__ import annotations

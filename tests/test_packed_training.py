@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import os
 
@@ -17,8 +18,11 @@ from hybrid_jax import losses
 from hybrid_jax import sharding
 from hybrid_jax import train_step
 from hybrid_jax import trainer
+from hybrid_jax.data import defaults
 from hybrid_jax.data import packing
+from hybrid_jax.data import pipeline
 from hybrid_jax.models import encoder as encoder_lib
+from hybrid_jax.models import presets
 from train_helpers import random_token_batch, runlocal_config
 
 TOL = 1e-5  # float32; packing only reorders a few sums
@@ -142,6 +146,56 @@ def test_packing_configs_that_cannot_work_fail_clearly(tmp_path):
   config = runlocal_config("hybrid", **{"data.packing": True, "data.packing_row_length": 8})
   with pytest.raises(packing.PackingError, match="raise it to >= 16"):
     trainer.validate_config(config, str(tmp_path / "run"))
+
+
+# --- the pipeline -------------------------------------------------------------------------------
+def _assert_texts_in_rows(batch, layout, num_shards):
+  """Each tower's padded text i is segment index[i] of the packed rows, in its shard's rows."""
+  per = len(batch["query_input_ids"]) // num_shards
+  for tower in layout.towers:
+    for i, (row, segment) in enumerate(batch[packing.segment_index_key(tower)]):
+      text = batch[f"{tower}_input_ids"][i][batch[f"{tower}_attention_mask"][i] == 1]
+      in_row = batch["packed_segment_ids"][row] == segment
+      np.testing.assert_array_equal(batch["packed_input_ids"][row][in_row], text)
+      np.testing.assert_array_equal(batch["packed_segment_positions"][row][in_row],
+                                    np.arange(len(text)))
+      assert row // layout.rows_per_shard == i // per
+
+
+def test_pipeline_packs_every_shard_and_host_slices_join_to_the_global_packing():
+  config = defaults.data_config("hybrid", prefixes=presets.PAPER_PREFIXES)
+  config.synthetic.num_entities, config.synthetic.num_relations = 32, 8
+  config.update({"hard_negatives": True, "tf_threads": 2, "prefetch_batches": 2,
+                 "packing": True, "packing_row_length": 32, "validation_batches": 2})
+  data = pipeline.TrainingData.from_config(config)
+  batch_size, shards, hosts = 16, 4, 2
+  layout = data.packing_layout(batch_size, shards, num_steps=20, process_count=hosts)
+  assert layout == data.packing_layout(batch_size, shards, num_steps=20, process_count=hosts)
+  assert layout.towers == ("query", "passage", "negative") and layout.choice.margin == 1.0
+  take = lambda **kw: list(itertools.islice(
+      data.train_batches(batch_size, start_step=3, packing_layout=layout, **kw), 3))
+  whole = take()
+  per_host = [take(process_index=i, process_count=hosts) for i in range(hosts)]
+  for step, batch in enumerate(whole, start=3):
+    _assert_texts_in_rows(batch, layout, shards)
+    reference = data.pack_batch(data.host_batch(data.plan(step, batch_size)), layout)
+    assert sorted(batch) == sorted(reference)
+    for key in batch:
+      np.testing.assert_array_equal(batch[key], reference[key], err_msg=key)
+      # Each host packs its own shards, in global row numbers: the slices join to the whole.
+      joined = np.concatenate([per_host[i][step - 3][key] for i in range(hosts)])
+      np.testing.assert_array_equal(joined, batch[key], err_msg=key)
+    assert batch["packed_input_ids"].shape == (layout.num_rows, 32)
+  for batch in data.validation_batches(batch_size, packing_layout=layout):
+    rows = len(batch["packed_input_ids"]) // shards  # the validation list's own (exact) rows
+    _assert_texts_in_rows(batch, dataclasses.replace(layout, rows_per_shard=rows), shards)
+  # Fewer rows than a batch needs: the packer's error, not a truncation.
+  too_few = dataclasses.replace(layout, rows_per_shard=1)
+  with pytest.raises(packing.PackingError, match="need .* packed rows"):
+    data.pack_batch(whole[0], too_few)
+  config.packing_rows = 6
+  with pytest.raises(packing.PackingError, match="not a multiple of the 4 batch shards"):
+    data.packing_layout(batch_size, shards, num_steps=20)
 
 
 # --- a short run ---------------------------------------------------------------------------------
