@@ -422,6 +422,12 @@ def warn(message: str) -> None:
     print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
 
+def _item_handlers(array_items: Sequence[str]) -> dict:
+  """Handlers named up front, so that reading metadata never meets an item Orbax cannot place."""
+  return {**{name: ocp.StandardCheckpointHandler() for name in array_items},
+          INTEGRITY_ITEM: ocp.JsonCheckpointHandler()}
+
+
 # --- the managers ---------------------------------------------------------------------------------
 def check_policy(every_steps: int, keep: int) -> None:
   """train.checkpoint_every_steps and train.keep_checkpoints must be positive integers."""
@@ -455,7 +461,7 @@ class Checkpointer:
             cleanup_tmp_directories=True,
             multiprocessing_options=ocp.options.MultiprocessingOptions(
                 barrier_sync_key_prefix="state")),
-        item_names=_STATE_ITEMS + (INTEGRITY_ITEM,))
+        item_handlers=_item_handlers(_STATE_ITEMS))
     self._set_aside_bests_without_readable_metrics()
     self.best_manager = ocp.CheckpointManager(
         _path(workdir, BEST_DIR),
@@ -467,7 +473,7 @@ class Checkpointer:
             # barriers are named by step, so each manager needs its own prefix or they collide.
             multiprocessing_options=ocp.options.MultiprocessingOptions(
                 barrier_sync_key_prefix="best")),
-        item_names=("params", INTEGRITY_ITEM))
+        item_handlers=_item_handlers(("params",)))
     self._best_loss: float | None = None
     self._best_loaded = False
 
@@ -671,9 +677,7 @@ def _candidates(workdir: str, step: str) -> list[tuple[str, int, str]]:
 
 def _restore_params(workdir: str, sub: str, number: int):
   """The verified "params" item of one checkpoint, on this host's first device."""
-  item_names = (_STATE_ITEMS if sub == CHECKPOINT_DIR else ("params",)) + (INTEGRITY_ITEM,)
-  handlers = {name: ocp.StandardCheckpointHandler() for name in item_names}
-  handlers[INTEGRITY_ITEM] = ocp.JsonCheckpointHandler()
+  handlers = _item_handlers(_STATE_ITEMS if sub == CHECKPOINT_DIR else ("params",))
   step_dir = _path(workdir, sub, str(number))
   manager = ocp.CheckpointManager(
       _path(workdir, sub), options=ocp.CheckpointManagerOptions(create=False),
