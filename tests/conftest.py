@@ -4,10 +4,7 @@ Runs before any test module imports jax, so that sharded code is exercised on a 
 any laptop (the same code paths as an 8-chip TPU host).
 """
 
-import atexit
 import os
-import shutil
-import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -16,14 +13,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # TensorFlow must never grab an accelerator
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# One persistent compilation cache per test session, inherited by the subprocesses the tests start
-# (CLI runs, the two-host run, resumes): a program compiled once is loaded, not recompiled, by the
-# next process that builds it. A fresh directory each session keeps sessions independent.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="hybrid_jax_test_xla_cache_")
-  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 
