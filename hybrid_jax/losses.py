@@ -108,7 +108,7 @@ class LossConfig:
   symmetric: bool = False  # add the passage -> query term
   mask_same_id: bool = True  # rows sharing a question id are never negatives of each other
   chunk_size: int = 0  # > 0: GradCache with chunks of this many rows; 0: plain
-  mask_false_negatives: bool = False  # candidates that are the row's own positive passage dropped
+  mask_false_negatives: bool = True  # candidates that are the row's own positive passage dropped
   packed: bool = False  # towers come as packed rows (data.packing), not padded arrays
 
   @classmethod
@@ -123,7 +123,7 @@ class LossConfig:
                symmetric=bool(train_config.symmetric_loss),
                mask_same_id=bool(train_config.mask_same_id),
                chunk_size=int(train_config.gradcache_chunk_size),
-               mask_false_negatives=bool(train_config.get("mask_false_negatives", False)),
+               mask_false_negatives=bool(train_config.get("mask_false_negatives", True)),
                packed=bool(packed))
 
   def validate(self) -> None:
