@@ -108,7 +108,8 @@ class LossConfig:
   symmetric: bool = False  # add the passage -> query term
   mask_same_id: bool = True  # rows sharing a question id are never negatives of each other
   chunk_size: int = 0  # > 0: GradCache with chunks of this many rows; 0: plain
-  mask_false_negatives: bool = True  # candidates that are the row's own positive passage dropped
+  # Off here, for embedding-level use without passage ids; config.train turns it on by default.
+  mask_false_negatives: bool = False  # candidates that are the row's own positive passage dropped
   packed: bool = False  # towers come as packed rows (data.packing), not padded arrays
 
   @classmethod
