@@ -171,7 +171,9 @@ def train_config() -> ml_collections.ConfigDict:
   # is another row's gold sentence. On by default: on XQuAD-R 15 of 32 rows per batch have one.
   # Batches without passage ids (e.g. a custom pipeline) need it set to False.
   config.mask_false_negatives = True
-  config.gradcache_chunk_size = 0  # >0: GradCache re-encoding in chunks of this many rows
+  # >0: GradCache re-encoding in chunks of this many rows; with data.packing, PACKED rows per chunk
+  # (must divide the global packed rows: data.packing_rows, or the chosen multiple of the shards).
+  config.gradcache_chunk_size = 0
   # --- logging, validation, checkpoints ---
   config.log_every_steps = 50  # metrics (TensorBoard + metrics.jsonl) and the console line
   config.eval_every_steps = 500  # validation loss (and best checkpoint); 0 = only at the end

@@ -67,8 +67,26 @@ With packed rows (data.packing, LossConfig.packed) the tower arrays are replaced
   packed_input_ids, packed_segment_ids, packed_segment_positions  [R, L]  one set for all towers
   query_segment_index, passage_segment_index (+ negative_segment_index)  [B, 2] (row, segment)
 (data/packing.py pack_towers): one encoder call gives every tower's [B, D] embeddings, equal to the
-padded ones up to float rounding, so the loss and its masks are unchanged. GradCache does not
-take packed rows yet (LossConfig.validate says so).
+padded ones up to float rounding, so the loss and its masks are unchanged.
+
+GradCache with packed rows (`_packed_gradcache_value_and_grad`): chunk_size C counts PACKED ROWS
+(train.gradcache_chunk_size with data.packing), not batch rows: the R rows go in R / C chunks of C
+rows, strided like `to_chunks` (chunk k holds rows k, k + R/C, ...), so that with the rows sharded
+over the batch axes in contiguous blocks every chunk spans all devices; C must divide R (checked
+when the step is traced, where the global R is known: LossConfigError). A text lies in the chunk
+of its row (row r: chunk r % (R/C), position r // (R/C)), but a chunk's texts vary in number, so
+the shapes stay static by encoding every chunk with ALL N = B * towers texts' segment index: the
+chunk's own texts point to (position in chunk, segment), the others to a dummy segment of the
+chunk (a padding segment, or the first text of row 0 when the chunk has no padding: never an
+empty segment, whose zero embedding would make the L2-normalisation's VJP NaN). Pass 1 keeps
+each text's embedding from its own chunk ([N, D]: jnp.where, exact); pass 3 feeds each chunk the
+cached gradients of its own texts and zeros for the others, so the dummies contribute exactly
+nothing. The only extra work is pooling N instead of ~N / (R/C) texts per chunk. Every chunk uses
+one dropout key, fold_in(fold_in(rng, 0), chunk), in passes 1 and 3 (tower 0: all towers share
+the rows, as in the plain packed loss), so the re-encoding reproduces the embeddings exactly.
+Deterministic, the loss and gradients equal the plain packed step's (tested <= 1e-5 on 1 and 8
+devices; tests/test_gradcache_packing.py). Memory as above with C packed rows in place of C batch
+rows (C rows hold several texts each) plus O(N * D) per chunk.
 """
 
 from __future__ import annotations
@@ -107,7 +125,7 @@ class LossConfig:
   hard_negatives: bool = False  # every row's hard negative is a negative of every query
   symmetric: bool = False  # add the passage -> query term
   mask_same_id: bool = True  # rows sharing a question id are never negatives of each other
-  chunk_size: int = 0  # > 0: GradCache with chunks of this many rows; 0: plain
+  chunk_size: int = 0  # > 0: GradCache with chunks of this many rows (packed rows when packed)
   # Off here, for embedding-level use without passage ids; config.train turns it on by default.
   mask_false_negatives: bool = False  # candidates that are the row's own positive passage dropped
   packed: bool = False  # towers come as packed rows (data.packing), not padded arrays
@@ -138,12 +156,8 @@ class LossConfig:
     if self.chunk_size < 0:
       raise LossConfigError(f"train.gradcache_chunk_size must be >= 0 (0 = plain loss), found "
                             f"{self.chunk_size}")
-    if self.chunk_size and self.packed:
-      # GradCache chunks batch rows, but packed rows hold texts of many batch rows: chunking them
-      # needs a packing per chunk, which is not implemented yet.
-      raise LossConfigError(
-          f"train.gradcache_chunk_size={self.chunk_size} with data.packing=True is not supported "
-          "yet: set train.gradcache_chunk_size=0 (plain loss) or data.packing=False.")
+    # With packing, chunk_size counts packed rows; that it divides the global rows R is checked by
+    # `check_packed_chunks` when the step is traced (R may be chosen from the run's batches).
 
   def required_features(self) -> tuple[str, ...]:
     if self.packed:
@@ -182,12 +196,24 @@ class LossConfig:
       raise LossConfigError(
           f"the batch lacks feature(s) {missing} needed by the loss; it has {sorted(batch)}. "
           + "; ".join(reasons))
-    if self.chunk_size:
+    if self.chunk_size and not self.packed:  # packed: check_packed_chunks (the GLOBAL rows)
       rows = batch["query_input_ids"].shape[0]
       if rows % self.chunk_size:
         raise LossConfigError(
             f"train.gradcache_chunk_size={self.chunk_size} does not divide the global batch of "
             f"{rows} rows; choose a divisor of the batch size (or 0 for the plain loss).")
+
+  def check_packed_chunks(self, num_rows: int) -> None:
+    """GradCache on packed rows: chunk_size (packed rows per chunk) must divide the R packed rows
+    of the global batch; LossConfigError naming both and the fix otherwise."""
+    c = self.chunk_size
+    if c and num_rows % c:
+      raise LossConfigError(
+          f"train.gradcache_chunk_size={c} does not divide the {num_rows} packed rows of the "
+          f"global batch (with data.packing=True the GradCache chunk counts packed rows, not batch "
+          f"rows): set data.packing_rows to a multiple of {c} (e.g. {-(-num_rows // c) * c}), or "
+          f"choose a gradcache_chunk_size that divides {num_rows} (the number of batch shards "
+          f"always does, and multiples of it keep every device busy), or 0 for the plain loss.")
 
   def tower_names(self) -> tuple[str, ...]:
     """The towers the loss encodes, in order: query, passage[, negative]."""
@@ -375,17 +401,24 @@ def _packed_embeddings(encode_fn: EncodeFn, params, batch, rng, config: LossConf
   """{tower: [B, D]} from the batch's packed rows (data/packing.py pack_towers): every tower's
   texts in ONE encoder call over the shared rows."""
   towers = config.tower_names()
-  # [B, k, 2] -> [B * k, 2], interleaved like the padded path, so that each device's block of the
-  # batch (and of the rows its index points into) stays on that device.
-  index = jnp.stack([batch[packing.segment_index_key(t)] for t in towers], axis=1)
-  b, k, _ = index.shape
+  index = _packed_index(batch, config)
+  b = index.shape[0] // len(towers)
   # Dropout masks differ from the padded path's (other shapes), as with any key.
   emb = encode_fn(params["encoder"], batch["packed_input_ids"], None, _tower_rng(rng, 0),
                   segment_ids=batch["packed_segment_ids"],
                   segment_positions=batch["packed_segment_positions"],
-                  segment_index=index.reshape(b * k, 2))
-  emb = emb.reshape(b, k, -1)
+                  segment_index=index)
+  emb = emb.reshape(b, len(towers), -1)
   return {name: emb[:, i] for i, name in enumerate(towers)}
+
+
+def _packed_index(batch, config: LossConfig) -> jax.Array:
+  """[B * k, 2] (row, segment) of every text the loss encodes, k = towers: [B, k, 2] -> [B * k, 2],
+  interleaved like the padded path, so that each device's block of the batch (and of the rows its
+  index points into) stays on that device."""
+  index = jnp.stack([batch[packing.segment_index_key(t)] for t in config.tower_names()], axis=1)
+  b, k, _ = index.shape
+  return index.reshape(b * k, 2)
 
 
 def value_and_grad(encode_fn: EncodeFn, params, batch, rng, config: LossConfig):
@@ -421,6 +454,8 @@ def gradcache_value_and_grad(encode_fn: EncodeFn, params, batch, rng, config: Lo
   See the module docstring for the three passes and their memory. Same signature and result
   structure as `jax.value_and_grad(batch_loss, argnums=1, has_aux=True)`.
   """
+  if config.packed:
+    return _packed_gradcache_value_and_grad(encode_fn, params, batch, rng, config)
   chunk_size = config.chunk_size
   towers = _towers(batch, config)
   rows = towers[0][1].shape[0]
@@ -464,6 +499,73 @@ def gradcache_value_and_grad(encode_fn: EncodeFn, params, batch, rng, config: Lo
     xs = (ids, mask, keys, to_chunks(embedding_grads[name], chunk_size))
     encoder_grads, _ = jax.lax.scan(backward_chunk, encoder_grads, xs)
 
+  grads = dict(loss_param_grads)
+  grads["encoder"] = encoder_grads
+  return (loss, aux), grads
+
+
+def _packed_gradcache_value_and_grad(encode_fn: EncodeFn, params, batch, rng, config: LossConfig):
+  """GradCache over chunks of config.chunk_size PACKED rows (module docstring, "GradCache with
+  packed rows"); the same result as `jax.value_and_grad(batch_loss)` on the packed batch."""
+  chunk_size = config.chunk_size
+  towers = config.tower_names()
+  rows = batch["packed_input_ids"].shape[0]
+  config.check_packed_chunks(rows)
+  num_chunks = rows // chunk_size
+  encoder_params = params["encoder"]
+  index = _packed_index(batch, config)  # [N, 2] global (row, segment) of every text
+  num_texts = index.shape[0]
+  # Row r is row r // num_chunks of chunk r % num_chunks (to_chunks).
+  text_chunk = index[:, 0] % num_chunks  # [N]
+  local_index = jnp.stack([index[:, 0] // num_chunks, index[:, 1]], axis=1)  # [N, 2]
+  xs = (to_chunks(batch["packed_input_ids"], chunk_size),
+        to_chunks(batch["packed_segment_ids"], chunk_size),
+        to_chunks(batch["packed_segment_positions"], chunk_size),
+        jnp.arange(num_chunks), _chunk_rngs(rng, 0, num_chunks))
+
+  def encode_chunk(p, x):
+    """([N] bool: text n is in this chunk, [N, D] embeddings: exact for those, dummies else)."""
+    ids, segment_ids, positions, chunk, key = x
+    mine = text_chunk == chunk
+    has_padding = jnp.any(segment_ids == 0, axis=1)  # [C]
+    # A segment that exists: a padding one, else (the chunk has no padding) row 0's first text.
+    dummy = jnp.where(jnp.any(has_padding),
+                      jnp.stack([jnp.argmax(has_padding).astype(index.dtype), 0]),
+                      jnp.array([0, 1], index.dtype))
+    chunk_index = jnp.where(mine[:, None], local_index, dummy[None, :])
+    emb = encode_fn(p, ids, None, key, segment_ids=segment_ids, segment_positions=positions,
+                    segment_index=chunk_index)
+    return mine, emb
+
+  # 1. Every text's embedding from its own chunk, forward only.
+  frozen = jax.lax.stop_gradient(encoder_params)
+  emb_shape = jax.eval_shape(lambda x: encode_chunk(frozen, x)[1],
+                             jax.tree.map(lambda a: a[0], xs))
+
+  def forward_chunk(embeddings, x):
+    mine, emb = encode_chunk(frozen, x)
+    return jnp.where(mine[:, None], emb, embeddings), None
+
+  flat, _ = jax.lax.scan(forward_chunk, jnp.zeros(emb_shape.shape, emb_shape.dtype), xs)
+  per_tower = flat.reshape(num_texts // len(towers), len(towers), -1)
+  embeddings = {name: per_tower[:, i] for i, name in enumerate(towers)}
+
+  # 2. Loss and gradients with respect to the embeddings (and the loss's own parameters).
+  loss_params = {k: v for k, v in params.items() if k != "encoder"}
+  (loss, aux), (embedding_grads, loss_param_grads) = jax.value_and_grad(
+      lambda embs, lp: loss_on_embeddings(embs, lp, batch, config), argnums=(0, 1),
+      has_aux=True)(embeddings, loss_params)
+  flat_grads = jnp.stack([embedding_grads[name] for name in towers], axis=1).reshape(
+      num_texts, -1)  # [N, D], in the order of `index`
+
+  # 3. Re-encode chunk by chunk; each chunk's VJP gets its own texts' cached gradients, 0 else.
+  def backward_chunk(accumulated, x):
+    _, pullback, mine = jax.vjp(lambda p: encode_chunk(p, x)[::-1], encoder_params, has_aux=True)
+    (grad,) = pullback(jnp.where(mine[:, None], flat_grads, 0.0).astype(emb_shape.dtype))
+    return jax.tree.map(jnp.add, accumulated, grad), None
+
+  encoder_grads, _ = jax.lax.scan(backward_chunk, jax.tree.map(jnp.zeros_like, encoder_params),
+                                  xs)
   grads = dict(loss_param_grads)
   grads["encoder"] = encoder_grads
   return (loss, aux), grads
