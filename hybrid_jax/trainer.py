@@ -98,7 +98,9 @@ def validate_config(config, workdir: str, *, num_devices: int | None = None,
   loss_cfg = loss_config(config)
   loss_cfg.validate()
   packing.check_config(config.data)
-  if loss_cfg.chunk_size and train.batch_size % loss_cfg.chunk_size:
+  # With packing, chunks are packed rows: the layout rounds its rows to the chunk size.
+  if (loss_cfg.chunk_size and not loss_cfg.packed
+      and train.batch_size % loss_cfg.chunk_size):
     raise TrainConfigError(
         f"config.train.gradcache_chunk_size={loss_cfg.chunk_size} does not divide "
         f"train.batch_size={train.batch_size}; choose a divisor (ideally a multiple of the "
@@ -352,7 +354,8 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   _log(data.summary(train.batch_size))
   _log(_setup_line(mesh, sharding.batch_sizes(train.batch_size, mesh), encoder_config, loss_cfg))
   packing_layout = data.packing_layout(train.batch_size, sharding.num_batch_shards(mesh),
-                                       train.num_steps, jax.process_count())  # None: padded
+                                       train.num_steps, jax.process_count(),
+                                       chunk_size=loss_cfg.chunk_size)  # None: padded
   if packing_layout is not None:
     _log(packing_layout.summary())
   to_global = _global_batch_fn(loss_cfg, mesh, train.batch_size)

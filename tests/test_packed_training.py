@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import math
 import os
 
 import jax
@@ -191,9 +192,18 @@ def test_pipeline_packs_every_shard_and_host_slices_join_to_the_global_packing()
   too_few = dataclasses.replace(layout, rows_per_shard=1)
   with pytest.raises(packing.PackingError, match="need .* packed rows"):
     data.pack_batch(whole[0], too_few)
+  # GradCache chunks packed rows: the chosen rows round up so that the chunk size divides them.
+  for chunk in (8, 12):
+    chunked = data.packing_layout(batch_size, shards, num_steps=20, chunk_size=chunk)
+    assert chunked.num_rows % chunk == 0 and chunked.num_rows % shards == 0
+    assert layout.num_rows <= chunked.num_rows < layout.num_rows + math.lcm(chunk, shards)
   config.packing_rows = 6
   with pytest.raises(packing.PackingError, match="not a multiple of the 4 batch shards"):
     data.packing_layout(batch_size, shards, num_steps=20)
+  config.packing_rows = 12
+  with pytest.raises(packing.PackingError, match="gradcache_chunk_size=8 does not divide data."
+                                                  "packing_rows=12.*multiple of 8"):
+    data.packing_layout(batch_size, shards, num_steps=20, chunk_size=8)
 
 
 # --- a short run ---------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ data.tf_threads threads.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Iterator
 
 import numpy as np
@@ -192,13 +193,15 @@ class TrainingData:
       yield from packing.shard_lengths(self.tower_lengths(plan), num_shards)
 
   def packing_layout(self, global_batch_size: int, num_shards: int, num_steps: int,
-                     process_count: int = 1) -> packing.PackingLayout | None:
+                     process_count: int = 1, chunk_size: int = 0
+                     ) -> packing.PackingLayout | None:
     """The run's packed shape when data.packing is on (None when off).
 
     Rows per batch shard: data.packing_rows / num_shards, or (packing_rows 0) the most rows first-
     fit decreasing needs for any batch shard of steps 0 .. min(num_steps, PACKING_SAMPLE_STEPS) - 1
-    of the global plans, times PACKING_MARGIN unless that covered every step. A pure function of
-    the config and num_steps: the same on every host and after a resume.
+    of the global plans, times PACKING_MARGIN unless that covered every step, rounded up so that
+    GradCache's chunk_size (packed rows per chunk, 0 = plain loss) divides the global rows. A
+    pure function of the config and num_steps: the same on every host and after a resume.
     """
     c = self.config
     if not c.get("packing", False):
@@ -214,13 +217,21 @@ class TrainingData:
             f"data.packing_rows={c.packing_rows} is not a multiple of the {num_shards} batch "
             f"shards (each shard packs its rows into its own R / {num_shards}); use a multiple, "
             f"or 0 to choose from the run's batches.")
+      if chunk_size and c.packing_rows % chunk_size:
+        raise packing.PackingError(
+            f"train.gradcache_chunk_size={chunk_size} does not divide data.packing_rows="
+            f"{c.packing_rows} (GradCache chunks packed rows); use a multiple of "
+            f"{math.lcm(chunk_size, num_shards)}, or packing_rows=0 to choose one.")
       return packing.PackingLayout(num_shards, c.packing_rows // num_shards, c.packing_row_length,
                                    self.towers)
     sampled = max(1, min(num_steps, PACKING_SAMPLE_STEPS))
     plans = (self.plan(t, global_batch_size) for t in range(sampled))
+    # Global rows R = rows per shard * num_shards must be a multiple of the chunk size.
+    per_shard_multiple = chunk_size // math.gcd(chunk_size, num_shards) if chunk_size else 1
     choice = packing.choose_num_rows(self._shard_lengths(plans, num_shards),
                                      c.packing_row_length,
-                                     margin=1.0 if sampled >= num_steps else PACKING_MARGIN)
+                                     margin=1.0 if sampled >= num_steps else PACKING_MARGIN,
+                                     multiple_of=per_shard_multiple)
     return packing.PackingLayout(num_shards, choice.num_rows, c.packing_row_length, self.towers,
                                  choice)
 
