@@ -56,8 +56,11 @@ def data_config(batch_type: str = "hybrid", real_data: bool = False, *,
   config.heldout_fraction = 0.0
   config.heldout_unit = "article"  # article | paragraph
   config.heldout_seed = 0
-  # Validation: a share of the remaining ids (by id), for the validation loss and best checkpoint.
+  # Validation: a share of the remaining ids, for the validation loss and best checkpoint.
   config.validation_fraction = 0.1  # question ids held out for validation loss (early stopping)
+  # How they are drawn: "id", or whole groups of ids sharing an "article" / "paragraph" (lareqa
+  # only), so that no validation gold sentence is a training text; "auto": article for lareqa.
+  config.validation_unit = "auto"
   config.validation_batches = 16  # fixed validation list length (covers batch types, languages)
   # Validation batches are the same for every strategy (mono, xy, hybrid), so that validation
   # losses and the best checkpoints they pick compare across runs; "" = the run's own batch type.

@@ -192,8 +192,10 @@ def _unit(candidate: Candidate, unit: str) -> tuple:
 
 
 @functools.lru_cache(maxsize=16)
-def _heldout_ids_cached(data_dir: str, split: HeldoutSplit) -> frozenset[str]:
-  parsed = read_languages(data_dir)  # every language file: the split cannot depend on a subset
+def _id_groups_cached(data_dir: str, unit: str) -> tuple[tuple[str, ...], ...]:
+  """Question ids grouped so that ids sharing an article (paragraph) in any language are in one
+  group, each group sorted, groups in order of their first id."""
+  parsed = read_languages(data_dir)  # every language file: a split cannot depend on a subset
   parent: dict = {}
 
   def find(node):
@@ -207,13 +209,26 @@ def _heldout_ids_cached(data_dir: str, split: HeldoutSplit) -> frozenset[str]:
   for data in parsed.values():
     gold_of = {c.uid: c for c in data.candidates}
     for question in data.questions:
-      parent[find(("id", question.id))] = find(("unit", _unit(gold_of[question.gold_uid],
-                                                               split.unit)))
+      parent[find(("id", question.id))] = find(("unit", _unit(gold_of[question.gold_uid], unit)))
   groups: dict = {}
   for node in list(parent):
     if node[0] == "id":
       groups.setdefault(find(node), []).append(node[1])
-  members = sorted((sorted(ids) for ids in groups.values()), key=lambda ids: (
+  return tuple(sorted(tuple(sorted(ids)) for ids in groups.values()))
+
+
+def id_groups(data_dir: str, unit: str = "article") -> dict[str, str]:
+  """{question id: its group's key (the group's smallest id)}: ids that share an article
+  (paragraph) in any language, directly or through other ids, share a key. What the held-out
+  split and the article-level validation split (data.validation_unit) keep together."""
+  if unit not in HELDOUT_UNITS:
+    raise LareqaFormatError(f"LAReQA group unit must be one of {HELDOUT_UNITS}, found {unit!r}")
+  return {i: ids[0] for ids in _id_groups_cached(os.path.abspath(data_dir), unit) for i in ids}
+
+
+@functools.lru_cache(maxsize=16)
+def _heldout_ids_cached(data_dir: str, split: HeldoutSplit) -> frozenset[str]:
+  members = sorted(_id_groups_cached(data_dir, split.unit), key=lambda ids: (
       hashlib.blake2b(f"{split.seed}:{ids[0]}".encode("utf-8"), digest_size=8).digest(), ids[0]))
   target = int(round(split.fraction * sum(len(ids) for ids in members)))
   test: set[str] = set()
@@ -305,14 +320,22 @@ def training_examples(data_dir: str, languages: Sequence[str] | None = None,
 
 
 def _neighbour(candidates: list[Candidate], i: int) -> Candidate | None:
-  """A sentence of the same paragraph next to candidates[i], else the next paragraph's first."""
+  """A sentence of the same paragraph next to candidates[i], else the first sentence of the next
+  paragraph of the same article (cyclically), else, for a one-sentence article, the next one.
+
+  Staying inside the article keeps the article-level splits (held-out test, validation) closed:
+  a training row's negative is never a sentence of another article, which may be on the other
+  side (MLQA-R: 185 of 4,199 rows took the next article's sentence before this rule).
+  """
   gold = candidates[i]
   for j in (i + 1, i - 1):
     if 0 <= j < len(candidates) and candidates[j].paragraph == gold.paragraph:
       return candidates[j]
   if len(candidates) < 2:
     return None
-  j = i + 1
-  while j % len(candidates) != i and candidates[j % len(candidates)].paragraph == gold.paragraph:
-    j += 1
-  return candidates[j % len(candidates)]
+  others = [j for j in range(len(candidates)) if j != i]
+  same_article = [j for j in others if candidates[j].article == gold.article]
+  pool = same_article or others
+  # The first candidate after i in file order (cyclically) among the pool.
+  after = [j for j in pool if j > i]
+  return candidates[after[0] if after else pool[0]]

@@ -96,7 +96,7 @@ class TrainingData:
       if data_config[field] < 2:
         raise records.DataError(f"data.{field} must be >= 2 (room for special tokens), "
                                 f"found {data_config[field]}")
-    validation = records.validation_ids_mask(corpus.ids, data_config.validation_fraction)
+    validation = sources.validation_mask(corpus, data_config)
     self.train_rows = np.flatnonzero(~validation)  # corpus rows of the training ids
     self.validation_rows = np.flatnonzero(validation)
     presence = corpus.presence
@@ -381,7 +381,8 @@ class TrainingData:
         f"Training data: {c.source} {self.corpus.source}",
         f"  {len(self.languages)} languages, {self.corpus.num_examples} question ids: "
         f"{len(self.train_rows)} train / {len(self.validation_rows)} validation "
-        f"(validation_fraction {c.validation_fraction}, split by id)",
+        f"(validation_fraction {c.validation_fraction}, split by "
+        f"{sources.validation_unit(c)})",
         f"  {'lang':<6}{'index':>6}{'train ids':>11}{'val ids':>9}{'weight':>9}"]
     for k, lang in enumerate(self.languages):
       lines.append(f"  {lang:<6}{k:>6}{train_counts[k]:>11}{val_counts[k]:>9}"

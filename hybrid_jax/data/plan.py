@@ -36,7 +36,7 @@ _PROCESS_COUNT = flags.DEFINE_integer("process_count", 1, "... out of this many 
 def training_sampler(data_config) -> tuple[records.ParallelCorpus, sampler_lib.BatchSampler]:
   """The corpus and the training sampler of a `config.data` (same split as TrainingData)."""
   corpus = sources.load_corpus(data_config)
-  validation = records.validation_ids_mask(corpus.ids, data_config.validation_fraction)
+  validation = sources.validation_mask(corpus, data_config)
   sampler = sampler_lib.BatchSampler.from_config(data_config, corpus.presence, corpus.languages,
                                                  rows=np.flatnonzero(~validation))
   return corpus, sampler

@@ -28,7 +28,9 @@ Optional per-language fields (files without them read as before):
 In memory, a `ParallelCorpus` stores the texts as [N, K] object arrays (N ids, K languages,
 `None` where an id lacks a language) so the sampler can select rows and languages with NumPy.
 The held-out validation split is by question id (`split_by_id`): every language of an id is on the
-same side, so validation loss never sees a translation of a training question.
+same side, so validation loss never sees a translation of a training question. With
+`ParallelCorpus.groups` (LAReQA, data.validation_unit "article"), whole groups of ids that share an
+article go to one side, so no validation gold sentence is a training text either.
 """
 
 from __future__ import annotations
@@ -227,6 +229,8 @@ class ParallelCorpus:
   # [N, K, K] object: [n, k, x] = the negative of rows (query in x, positive in k) or None.
   query_negatives: np.ndarray | None = None
   query_negative_ids: np.ndarray | None = None  # [N, K, K] object: their passage ids or None
+  # [N] group keys: ids with one key share an article (lareqa.id_groups) and are split together.
+  groups: list[str] | None = None
 
   @property
   def num_examples(self) -> int:
@@ -249,8 +253,10 @@ class ParallelCorpus:
     rows = np.asarray(rows, dtype=np.int64)
     optional = {field: None if getattr(self, field) is None else getattr(self, field)[rows]
                 for field in _OPTIONAL_ARRAYS}
+    groups = None if self.groups is None else [self.groups[i] for i in rows]
     return ParallelCorpus(self.languages, [self.ids[i] for i in rows], self.queries[rows],
-                          self.positives[rows], self.negatives[rows], self.source, **optional)
+                          self.positives[rows], self.negatives[rows], self.source, **optional,
+                          groups=groups)
 
   def _optional(self, field: str, *index):
     array = getattr(self, field)
@@ -363,23 +369,45 @@ class ParallelCorpus:
 _OPTIONAL_ARRAYS = ("positive_ids", "negative_ids", "query_negatives", "query_negative_ids")
 
 
-def validation_ids_mask(ids: Sequence[str], fraction: float) -> np.ndarray:
-  """[N] bool: the held-out ids, exactly round(fraction * N) of them.
+def validation_ids_mask(ids: Sequence[str], fraction: float,
+                        groups: Sequence[str] | None = None) -> np.ndarray:
+  """[N] bool: the held-out ids, exactly round(fraction * N) of them; with `groups` ([N] keys),
+  whole groups, ranked by a hash of their key, each taken when it brings the count closer to
+  round(fraction * N) (within half of the largest group).
 
-  Ids are ranked by a hash of the id string alone, so the split depends neither on the file order
-  nor on the data seed: runs that differ only in batch type or seed share their validation set.
+  Ids (groups) are ranked by a hash of the id (key) string alone, so the split depends neither on
+  the file order nor on the data seed: runs that differ only in batch type or seed share their
+  validation set.
   """
   if not 0.0 <= fraction < 1.0:
     raise DataError(f"data.validation_fraction must be in [0, 1), found {fraction}")
   num_validation = int(round(fraction * len(ids)))
-  keys = [hashlib.blake2b(i.encode("utf-8"), digest_size=8).digest() for i in ids]
-  order = sorted(range(len(ids)), key=lambda i: (keys[i], ids[i]))
   mask = np.zeros(len(ids), dtype=bool)
-  mask[order[:num_validation]] = True
+  if groups is None:
+    keys = [hashlib.blake2b(i.encode("utf-8"), digest_size=8).digest() for i in ids]
+    order = sorted(range(len(ids)), key=lambda i: (keys[i], ids[i]))
+    mask[order[:num_validation]] = True
+    return mask
+  if len(groups) != len(ids):
+    raise ValueError(f"{len(groups)} group keys for {len(ids)} ids")
+  members: dict[str, list[int]] = {}
+  for row, key in enumerate(groups):
+    members.setdefault(key, []).append(row)
+  # Salted: unrelated to the held-out test split's group order (lareqa.HeldoutSplit).
+  order = sorted(members, key=lambda g: (
+      hashlib.blake2b(f"validation:{g}".encode("utf-8"), digest_size=8).digest(), g))
+  # A group is taken when it brings the count closer to the target: whole articles are coarse
+  # (XQuAD-R's hold ~25 ids each), so "until the target is reached" could overshoot by a large one.
+  taken = 0
+  for key in order:
+    size = len(members[key])
+    if abs(taken + size - num_validation) < abs(taken - num_validation):
+      mask[members[key]] = True
+      taken += size
   return mask
 
 
 def split_by_id(corpus: ParallelCorpus, fraction: float) -> tuple[ParallelCorpus, ParallelCorpus]:
   """(train, validation) corpora; all languages of an id fall on the same side."""
-  mask = validation_ids_mask(corpus.ids, fraction)
+  mask = validation_ids_mask(corpus.ids, fraction, corpus.groups)
   return corpus.subset(np.flatnonzero(~mask)), corpus.subset(np.flatnonzero(mask))

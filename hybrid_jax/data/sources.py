@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from hybrid_jax.data import lareqa
 from hybrid_jax.data import locations
 from hybrid_jax.data import records
@@ -27,10 +29,66 @@ def resolve_path(path: str) -> str:
   return under_root if os.path.exists(under_root) else path
 
 
+VALIDATION_UNITS = ("auto", "id", "article", "paragraph")
+
+
+def validation_unit(data_config) -> str:
+  """data.validation_unit resolved: "auto" is "article" for LAReQA (whose ids share gold
+  sentences within an article: split by id, 77 of XQuAD-R's 93 validation ids had a gold
+  sentence that a training id also had) and "id" for every other source."""
+  unit = data_config.get("validation_unit", "auto")
+  if unit not in VALIDATION_UNITS:
+    raise records.DataError(f"data.validation_unit must be one of {VALIDATION_UNITS}, found "
+                            f"{unit!r}")
+  if unit == "auto":
+    return "article" if data_config.source == "lareqa" else "id"
+  if unit != "id" and data_config.source != "lareqa":
+    raise records.DataError(
+        f"data.validation_unit={unit!r} groups ids by {unit}, which only data.source='lareqa' "
+        f"knows (found {data_config.source!r}); use 'id' or 'auto'.")
+  return unit
+
+
+def _join_groups_through_negatives(corpus: records.ParallelCorpus, groups: list[str]) -> list[str]:
+  """Groups joined where a row's hard negative is another group's gold sentence (one-sentence
+  articles take their negative from the next article: MLQA-R, 125 rows), so that a validation
+  gold sentence is not a training negative either."""
+  parent = {g: g for g in groups}
+
+  def find(g):
+    while parent[g] != g:
+      parent[g] = parent[parent[g]]
+      g = parent[g]
+    return g
+
+  if corpus.positive_ids is None or corpus.negative_ids is None:
+    return groups
+  group_of_gold = {}
+  for row, uids in enumerate(corpus.positive_ids):
+    for uid in uids:
+      if uid is not None:
+        group_of_gold.setdefault(uid, groups[row])
+  for row, uids in enumerate(corpus.negative_ids):
+    for uid in uids:
+      other = group_of_gold.get(uid)
+      if other is not None:
+        a, b = find(groups[row]), find(other)
+        if a != b:
+          parent[max(a, b)] = min(a, b)
+  return [find(g) for g in groups]
+
+
+def validation_mask(corpus: records.ParallelCorpus, data_config) -> np.ndarray:
+  """[N] bool: the corpus's validation ids (data.validation_fraction, whole groups when the
+  corpus has them: data.validation_unit). Training, `data.plan` and the tests use this one rule."""
+  return records.validation_ids_mask(corpus.ids, data_config.validation_fraction, corpus.groups)
+
+
 def load_corpus(data_config) -> records.ParallelCorpus:
   """Reads `config.data.source` with its languages; validation split and sampling come later."""
   source = data_config.source
   languages = tuple(data_config.languages)
+  validation_unit(data_config)  # a bad value fails here, whatever the source
   heldout = lareqa.HeldoutSplit.from_config(data_config).validate()
   if heldout.fraction and source != "lareqa":
     raise records.DataError(
@@ -62,7 +120,12 @@ def load_corpus(data_config) -> records.ParallelCorpus:
     if heldout.fraction:
       path += (f" (train part: {heldout.fraction:g} of the ids held out by {heldout.unit}, "
                f"seed {heldout.seed})")
-    return records.ParallelCorpus.from_examples(examples, languages, source=path)
+    corpus = records.ParallelCorpus.from_examples(examples, languages, source=path)
+    unit = validation_unit(data_config)
+    if unit != "id":
+      groups = lareqa.id_groups(resolve_path(data_config.path), unit)
+      corpus.groups = _join_groups_through_negatives(corpus, [groups[i] for i in corpus.ids])
+    return corpus
   if source == "jsonl":
     path = resolve_path(data_config.path)
     if not path:

@@ -3,11 +3,13 @@ of their SOURCE.md files; the candidate text shared by the training source and t
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from hybrid_jax.data import defaults
@@ -246,3 +248,36 @@ def test_heldout_training_source_and_errors(tmp_path):
     sources.load_corpus(config)
   with pytest.raises(lareqa.LareqaFormatError, match="needs a held-out split"):
     lareqa.read_part(os.path.join(locations.data_root(), "mlqa-r"), None, None, "test")
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize("dataset", ["xquad-r", "mlqa-r"])
+def test_article_validation_split_trains_on_no_validation_gold_sentence(dataset):
+  """The study's setting (20% held out by article, 10% validation): split by article
+  (data.validation_unit auto = article), no validation gold sentence is a training positive or
+  hard negative; split by id, many are (the leak protocol v1 had)."""
+  config = defaults.data_config(real_data=True, prefixes=PREFIXES)
+  config.path, config.heldout_fraction = dataset, 0.2
+  shared = {}
+  for unit in ("article", "id"):
+    config.validation_unit = unit
+    corpus = sources.load_corpus(config)
+    validation = sources.validation_mask(corpus, config)
+    if unit == "article":  # whole groups: within half of the largest one
+      sizes = collections.Counter(corpus.groups)
+      assert abs(validation.sum() - round(0.1 * len(corpus.ids))) <= max(sizes.values()) / 2
+      print(dataset, len(corpus.ids), "ids,", len(sizes), "groups, largest", max(sizes.values()),
+            "-> validation", validation.sum())
+    else:
+      assert validation.sum() == round(0.1 * len(corpus.ids))
+    uids = lambda rows, field: {u for u in getattr(corpus, field)[rows].ravel() if u is not None}
+    trained = uids(~validation, "positive_ids") | uids(~validation, "negative_ids")
+    shared[unit] = sum(bool(uids(np.flatnonzero(validation)[[i]], "positive_ids") & trained)
+                       for i in range(validation.sum()))
+  assert shared["article"] == 0
+  assert shared["id"] >= (50 if dataset == "xquad-r" else 1), shared
+  config.validation_unit = "auto"
+  assert sources.validation_unit(config) == "article"
+  config.validation_unit = "chapter"
+  with pytest.raises(records.DataError, match="validation_unit must be one of"):
+    sources.load_corpus(config)

@@ -140,3 +140,21 @@ def test_split_by_id_keeps_all_languages_of_an_id_together():
   for part in (train, validation):
     for row, qid in enumerate(part.ids):
       assert part.queries[row, part.language_index("en")] == qid
+
+
+def test_grouped_validation_mask_takes_whole_groups_deterministically():
+  ids = [f"q{i}" for i in range(200)]
+  groups = [f"article{i // 7}" for i in range(200)]  # 29 groups of 7 (the last of 4)
+  mask = records.validation_ids_mask(ids, 0.1, groups)
+  for key in set(groups):
+    members = [mask[i] for i, g in enumerate(groups) if g == key]
+    assert all(members) or not any(members), key  # a group is never split
+  # round(0.1 * 200) = 20 ids, give or take half a group.
+  assert abs(mask.sum() - 20) <= 3.5
+  # A pure function of (ids, groups): file order does not matter.
+  order = np.random.default_rng(0).permutation(200)
+  shuffled = records.validation_ids_mask([ids[i] for i in order], 0.1, [groups[i] for i in order])
+  np.testing.assert_array_equal(shuffled, mask[order])
+  assert records.validation_ids_mask(ids, 0.0, groups).sum() == 0
+  # Groups of one id each give the same size as the plain split.
+  assert records.validation_ids_mask(ids, 0.1, ids).sum() == 20

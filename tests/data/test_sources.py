@@ -80,7 +80,7 @@ def test_mlqa_r_ids_are_only_paired_in_languages_they_have(mlqa_config, mlqa_cor
   assert len(reference) == 4199
   config = mlqa_config.copy_and_resolve_references()
   config.batch_type, config.alpha = batch_type, alpha
-  validation = records.validation_ids_mask(mlqa_corpus.ids, config.validation_fraction)
+  validation = sources.validation_mask(mlqa_corpus, config)
   sampler = sampler_lib.BatchSampler.from_config(config, mlqa_corpus.presence,
                                                  mlqa_corpus.languages,
                                                  rows=np.flatnonzero(~validation))
