@@ -171,6 +171,9 @@ def train_config() -> ml_collections.ConfigDict:
   # is another row's gold sentence. On by default: on XQuAD-R 15 of 32 rows per batch have one.
   # Batches without passage ids (e.g. a custom pipeline) need it set to False.
   config.mask_false_negatives = True
+  # Recorded in config.json so that results say which mask definition they used (losses.py
+  # FALSE_NEGATIVE_MASK_DEFINITION; the only one implemented).
+  config.false_negative_mask_definition = "per_question"
   # >0: GradCache re-encoding in chunks of this many rows; with data.packing, PACKED rows per chunk
   # (must divide the global packed rows: data.packing_rows, or the chosen multiple of the shards).
   config.gradcache_chunk_size = 0

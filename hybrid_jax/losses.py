@@ -111,6 +111,14 @@ MAX_SCALE = 100.0  # learnable temperature: the scale is clipped here (CLIP's ch
 EncodeFn = Callable[..., jax.Array]
 
 
+# What train.mask_false_negatives drops, named so that a run's config.json says which definition
+# its numbers used: "per_question" = the row's own question's gold passages in every language
+# (relevant_passage_ids). Protocol v1's earliest runs used "merged_questions" (question ids that
+# share a gold sentence merged into one relevant set), since replaced: it also masked legitimate
+# negatives (~58% of the masked pairs on XQuAD-R).
+FALSE_NEGATIVE_MASK_DEFINITION = "per_question"
+
+
 class LossConfigError(errors.UserError):
   """The loss options contradict each other or the batch lacks a feature the loss needs."""
 
@@ -135,6 +143,13 @@ class LossConfig:
                         packed: bool = False) -> "LossConfig":
     """From config.train (and config.data.hard_negatives / data.packing, which decide the batch
     features)."""
+    definition = train_config.get("false_negative_mask_definition", FALSE_NEGATIVE_MASK_DEFINITION)
+    if definition != FALSE_NEGATIVE_MASK_DEFINITION:
+      raise LossConfigError(
+          f"train.false_negative_mask_definition={definition!r}; this version implements "
+          f"{FALSE_NEGATIVE_MASK_DEFINITION!r} only (a candidate is dropped for row i when it is "
+          "one of the gold passages of row i's own question, in any language). Remove the "
+          "override, or use the hybrid_jax version that wrote the config.")
     return cls(temperature=float(train_config.temperature),
                learnable_temperature=bool(train_config.learnable_temperature),
                in_batch_negatives=bool(train_config.get("in_batch_negatives", True)),

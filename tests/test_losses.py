@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hybrid_jax import config_lib
 from hybrid_jax import losses
 
 VOCAB, DIM, HIDDEN = 40, 12, 16
@@ -268,3 +269,13 @@ def test_missing_features_and_bad_options_fail_fast():
     losses.LossConfig(chunk_size=3).check_batch(_batch(8))
   with pytest.raises(losses.LossConfigError, match="temperature"):
     losses.LossConfig(temperature=0.0).validate()
+
+
+def test_training_config_defaults_mask_false_negatives_and_record_the_definition():
+  train = config_lib.train_config()
+  cfg = losses.LossConfig.from_train_config(train)
+  assert cfg.mask_false_negatives and cfg.mask_same_id
+  assert train.false_negative_mask_definition == losses.FALSE_NEGATIVE_MASK_DEFINITION
+  train.false_negative_mask_definition = "merged_questions"
+  with pytest.raises(losses.LossConfigError, match="implements 'per_question' only"):
+    losses.LossConfig.from_train_config(train)
