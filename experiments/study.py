@@ -1,9 +1,21 @@
-r"""Runs the whole study of issue 10, resumably, and rebuilds its tables and plots.
+r"""Runs the whole study, resumably: protocol v2 (issue 22, the default) or v1 (issue 10).
 
-    python experiments/study.py                      # run what is missing, then rebuild the report
-    python experiments/study.py --only=A-hybrid      # one run (exact name, else a prefix: A-)
-    python experiments/study.py --report_only        # tables and plots from committed results
+    python experiments/study.py                      # protocol v2: run what is missing
+    python experiments/study.py --only=A-hybrid-seed0  # one run (exact name, else a prefix: A-)
     python experiments/study.py --list               # every job, done or not, with its command
+    python experiments/study.py --protocol=1 --report_only   # v1's tables from committed results
+
+Protocol v2 (StudyV2, results in experiments/results_v2/, workdirs in <workroot>/protocol2, which
+committed commands call $STUDY_ROOT): validation ids by article (no validation gold sentence is
+trained on), packed training, the false-negative mask definition in every config.json; three B
+pilots (600 steps) fix B's step budget (B_budget.json: the argmin of their mean validation loss)
+before any B seed runs; then 5 seeds x {mono, xy, hybrid} x {A, B}, alpha 0.25 / 0.75 x 3 seeds
+in A, and zero-shot. Every trained run is scored at its best (shared validation) AND last
+checkpoint on both held-out parts (mlqa-r-test, xquad-r-test) and the other collection's full
+grid: results_v2/<run>/{best,last}/<evaluation>/ and checkpoints.json (the two steps; when they
+are equal the last scores are a copy).
+
+Protocol v1 (below, RUNS):
 
 Each run trains multilingual-e5-small with experiments/study_config.py (one argument set per
 run, listed in RUNS) in <workroot>/<run>, then scores its best checkpoint (validation loss on the
@@ -49,9 +61,10 @@ EVAL_TEXTS = {"xquad-r": 26_104, "mlqa-r": 24_733, "xquad-r-test": 5_886, "mlqa-
 
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
-  name: str  # output directory name, e.g. "xquad-r" or "mlqa-r-test"
+  name: str  # output directory name, e.g. "xquad-r", "mlqa-r-test" (v2: "best/xquad-r")
   dataset: str
   part: str  # all | test
+  step: str = "best"  # the checkpoint scored: best | last
 
   def flags(self) -> list[str]:
     out = [f"--dataset={self.dataset}", f"--part={self.part}"]
@@ -74,7 +87,9 @@ class Run:
   strategy: str = ""  # mono | xy | hybrid | "" (zero-shot)
   alpha: float = 0.5
   seed: int = 0
-  family: str = "main"  # main | alpha | seed
+  family: str = "main"  # main | alpha | seed (v1); main | alpha | pilot (v2)
+  steps: int = study_config.NUM_STEPS
+  protocol: int = 1
 
   @property
   def zero_shot(self) -> bool:
@@ -82,8 +97,11 @@ class Run:
 
   @property
   def config_arg(self) -> str:
-    return (f"direction={self.direction},strategy={self.strategy},alpha={self.alpha},"
-            f"seed={self.seed}")
+    arg = (f"direction={self.direction},strategy={self.strategy},alpha={self.alpha},"
+           f"seed={self.seed}")
+    if self.protocol == 1:
+      return arg + ",protocol=1"
+    return arg + f",steps={self.steps}"
 
   def evaluations(self) -> tuple[Evaluation, ...]:
     if self.zero_shot:
@@ -127,7 +145,7 @@ class Study:
     return checkpointing.latest_step(self.workdir(run)) or 0
 
   def training_done(self, run: Run) -> bool:
-    return run.zero_shot or self.trained_steps(run) >= study_config.NUM_STEPS
+    return run.zero_shot or self.trained_steps(run) >= run.steps
 
   def evaluation_done(self, run: Run, evaluation: Evaluation) -> bool:
     return os.path.isfile(os.path.join(self.result_dir(run, evaluation), "results.json"))
@@ -156,7 +174,7 @@ class Study:
       if evaluation.part == "all" and unseen:
         groups += f";unseen={'+'.join(unseen)}"
     else:
-      source = [f"--workdir={self.workdir(run)}", "--step=best"]
+      source = [f"--workdir={self.workdir(run)}", f"--step={evaluation.step}"]
     out = os.path.join(self.workroot, run.name, "eval", evaluation.name)
     return [self.python, "-m", "hybrid_jax.evaluate", *source, *evaluation.flags(),
             f"--groups={groups}", f"--output_dir={out}"]
@@ -190,12 +208,12 @@ class Study:
       if self.done(run):
         continue
       if not run.zero_shot:
-        left = max(0, study_config.NUM_STEPS - self.trained_steps(run))
+        left = max(0, run.steps - self.trained_steps(run))
         validations = left / 50 + (1 if left else 0)
         total += left * per_step + validations * 16 * per_step / 3 + (60 if left else 0)
       for evaluation in run.evaluations():
         if not self.evaluation_done(run, evaluation):
-          total += EVAL_TEXTS[evaluation.name] / TEXTS_PER_SECOND + 30
+          total += EVAL_TEXTS[evaluation.name.split("/")[-1]] / TEXTS_PER_SECOND + 30
     return total
 
   # --- running ---
@@ -215,8 +233,8 @@ class Study:
         shutil.copy2(path, os.path.join(self.results_dir, run.name, name))
 
   def run_job(self, run: Run, kind: str, evaluation, command: list[str]) -> None:
-    log_path = os.path.join(self.workroot, run.name,
-                            "train.log" if kind == "train" else f"eval-{evaluation.name}.log")
+    log_path = os.path.join(self.workroot, run.name, "train.log" if kind == "train"
+                            else f"eval-{evaluation.name.replace('/', '-')}.log")
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     printable = " ".join(shlex.quote(c) for c in command)
     print(f"[study] {run.name}: {kind} {evaluation.name if evaluation else ''}\n    {printable}\n"
@@ -233,8 +251,7 @@ class Study:
       # The trainer exits 0 after a SIGTERM checkpoint: scoring that model would commit the
       # results of a half-trained run as final.
       raise SystemExit(f"[study] {run.name}: training stopped at step {self.trained_steps(run)} "
-                       f"of {study_config.NUM_STEPS} (preempted?); run the same command again "
-                       "to resume.")
+                       f"of {run.steps} (preempted?); run the same command again to resume.")
     if evaluation is not None:
       self.collect(run, evaluation)
     print(f"[study] {run.name}: {kind} done in {time.time() - started:.0f}s", flush=True)
@@ -268,43 +285,240 @@ def unseen_languages(evaluated: str, trained: str) -> tuple[str, ...]:
                                          fetch.DATASETS[trained].languages)
 
 
-def select(only: str) -> list[Run]:
+def select(only: str, runs: list[Run] | None = None) -> list[Run]:
+  runs = RUNS if runs is None else runs
   if not only:
-    return RUNS
-  names = {r.name for r in RUNS}
+    return runs
+  names = {r.name for r in runs}
   # An exact name selects that run only (A-hybrid is also the prefix of its alpha and seed runs).
-  chosen = [r for r in RUNS if any(r.name == p if p in names else r.name.startswith(p)
+  chosen = [r for r in runs if any(r.name == p if p in names else r.name.startswith(p)
                                    for p in only.split(","))]
   if not chosen:
-    raise SystemExit(f"--only={only!r} matches no run; runs: {[r.name for r in RUNS]}")
+    raise SystemExit(f"--only={only!r} matches no run; runs: {[r.name for r in runs]}")
   return chosen
+
+
+# --- protocol v2 (issue 22) -----------------------------------------------------------------------
+# Leak-free validation (by article), packed training, 5 seeds per strategy and direction, every
+# run scored at its best AND last checkpoint on both held-out parts and the other collection's
+# full grid, so that in-domain and shifted scores of every strategy share one pool. B's step
+# budget comes from one 600-step pilot per strategy and is fixed (B_budget.json) before its seeds.
+RESULTS_DIR_V2 = os.path.join(HERE, "results_v2")
+SEEDS_V2 = (0, 1, 2, 3, 4)
+ALPHA_SEEDS_V2 = (0, 1, 2)
+PILOT_STEPS = 600
+BUDGET_FILE = "B_budget.json"
+CHECKPOINTS = ("best", "last")
+HELDOUT_PARTS = tuple(Evaluation(f"{d}-test", d, "test") for d in ("mlqa-r", "xquad-r"))
+FULL_GRIDS = tuple(Evaluation(d, d, "all") for d in ("mlqa-r", "xquad-r"))
+ROOT_VARIABLE = "$STUDY_ROOT"  # what committed commands say instead of a machine's workroot
+
+
+def evaluations_v2(direction: str) -> tuple[Evaluation, ...]:
+  """A trained run's scores: both held-out parts and the other collection's full grid, at the
+  best and at the last checkpoint (names "best/mlqa-r-test", ...)."""
+  trained = study_config.TRAINING_DATASETS[direction]
+  chosen = HELDOUT_PARTS + tuple(e for e in FULL_GRIDS if e.dataset != trained)
+  return tuple(dataclasses.replace(e, name=f"{step}/{e.name}", step=step)
+               for step in CHECKPOINTS for e in chosen)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunV2(Run):
+  protocol: int = 2
+
+  def evaluations(self) -> tuple[Evaluation, ...]:
+    if self.zero_shot:  # the same four evaluations as v1's zero-shot row: numbers unchanged
+      return HELDOUT_PARTS + FULL_GRIDS
+    if self.family == "pilot":  # only its validation curve (metrics.jsonl) is used
+      return ()
+    return evaluations_v2(self.direction)
+
+
+def runs_v2(b_steps: int | None) -> list[RunV2]:
+  """Every v2 job in the order they run: B pilots, A seeds, B seeds (once b_steps is fixed),
+  the alpha runs, zero-shot. Seeds outermost, so a partial study has balanced strategies."""
+  strategies = study_config.STRATEGIES
+  runs = [RunV2(f"B-pilot-{s}", "B", s, family="pilot", steps=PILOT_STEPS) for s in strategies]
+  runs += [RunV2(f"A-{s}-seed{seed}", "A", s, seed=seed) for seed in SEEDS_V2 for s in strategies]
+  if b_steps:
+    runs += [RunV2(f"B-{s}-seed{seed}", "B", s, seed=seed, steps=b_steps)
+             for seed in SEEDS_V2 for s in strategies]
+  runs += [RunV2(f"A-hybrid-alpha{a}-seed{seed}", "A", "hybrid", alpha=a, seed=seed,
+                 family="alpha") for seed in ALPHA_SEEDS_V2 for a in (0.25, 0.75)]
+  return runs + [RunV2("zeroshot", "")]
+
+
+def decide_budget(curves: dict[str, dict[int, float]]) -> dict:
+  """B's step budget from the pilots' validation curves ({strategy: {step: loss}}): the step
+  with the lowest validation loss averaged over the strategies (the earliest on a tie), among
+  the steps every pilot was validated at. One rule for all strategies, fixed before any seed."""
+  steps = sorted(set.intersection(*(set(c) for c in curves.values())) - {0})
+  if not steps:
+    raise SystemExit(f"[study] the B pilots share no validation step: {curves}")
+  mean = {t: sum(c[t] for c in curves.values()) / len(curves) for t in steps}
+  best = min(steps, key=lambda t: (mean[t], t))
+  return {"steps": best, "rule": decide_budget.__doc__.split("(")[0].strip() + ": " +
+          "argmin over steps of the mean validation loss of the three pilots",
+          "mean_validation_loss": {str(t): round(mean[t], 6) for t in steps},
+          "curves": {k: {str(t): v for t, v in sorted(c.items())} for k, c in curves.items()}}
+
+
+def validation_curve(metrics_path: str) -> dict[int, float]:
+  curve = {}
+  with open(metrics_path, encoding="utf-8") as f:
+    for line in f:
+      record = json.loads(line)
+      if "validation/loss" in record:
+        curve[int(record["step"])] = float(record["validation/loss"])
+  return curve
+
+
+class StudyV2(Study):
+  """Protocol v2's jobs over its own workroot (<workroot>/protocol2) and results_v2/."""
+
+  def __init__(self, workroot: str, results_dir: str = RESULTS_DIR_V2,
+               python: str = sys.executable):
+    super().__init__(os.path.join(workroot, "protocol2"), results_dir, python)
+
+  # --- the B budget ---
+  def budget(self) -> dict | None:
+    path = os.path.join(self.results_dir, BUDGET_FILE)
+    if not os.path.isfile(path):
+      return None
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+
+  def runs(self) -> list[RunV2]:
+    budget = self.budget()
+    return runs_v2(budget["steps"] if budget else None)
+
+  def fix_budget(self) -> dict:
+    """Writes B_budget.json from the finished pilots (never rewritten once it exists)."""
+    budget = self.budget()
+    if budget:
+      return budget
+    pilots = [r for r in self.runs() if r.family == "pilot"]
+    curves = {r.strategy: validation_curve(os.path.join(self.workdir(r), "metrics.jsonl"))
+              for r in pilots}
+    budget = decide_budget(curves)
+    os.makedirs(self.results_dir, exist_ok=True)
+    with open(os.path.join(self.results_dir, BUDGET_FILE), "w", encoding="utf-8") as f:
+      json.dump(budget, f, indent=1, sort_keys=True)
+    print(f"[study] B's step budget fixed at {budget['steps']} from the pilots' validation "
+          f"curves ({BUDGET_FILE})", flush=True)
+    return budget
+
+  # --- state ---
+  def done(self, run: Run) -> bool:
+    if run.family == "pilot":
+      return self.training_done(run)
+    return super().done(run)
+
+  def checkpoint_steps(self, run: Run) -> dict[str, int | None]:
+    from hybrid_jax import checkpointing  # pylint: disable=g-import-not-at-top
+    steps = checkpointing.available_steps(self.workdir(run))
+    return {"best": max(steps["best"], default=None),
+            "last": max(steps["checkpoints"], default=None)}
+
+  def jobs(self, run: Run):
+    """As v1, plus: a last-checkpoint score whose checkpoint IS the best one is copied, not
+    recomputed (kind "copy"). A generator: the steps are read after the training job ran."""
+    for kind, evaluation, command in super().jobs(run):
+      if kind == "evaluate" and evaluation.step == "last":
+        steps = self.checkpoint_steps(run)
+        if steps["best"] is not None and steps["best"] == steps["last"]:
+          yield "copy", evaluation, []
+          continue
+      yield kind, evaluation, command
+
+  def run_job(self, run: Run, kind: str, evaluation, command: list[str]) -> None:
+    if kind != "copy":
+      return super().run_job(run, kind, evaluation, command)
+    best = dataclasses.replace(evaluation, name=evaluation.name.replace("last/", "best/", 1),
+                               step="best")
+    if not self.evaluation_done(run, best):
+      self.run_job(run, "evaluate", best, self.evaluate_command(run, best))
+    shutil.copytree(self.result_dir(run, best), self.result_dir(run, evaluation),
+                    dirs_exist_ok=True)
+    print(f"[study] {run.name}: {evaluation.name} = {best.name} (the last checkpoint is the "
+          "best one)", flush=True)
+
+  def collect(self, run: Run, evaluation: Evaluation) -> None:
+    super().collect(run, evaluation)
+    target = self.result_dir(run, evaluation)
+    meta_path = os.path.join(target, "results_meta.json")
+    if os.path.isfile(meta_path):  # commands name the work root as a variable, not this machine
+      with open(meta_path, encoding="utf-8") as f:
+        text = f.read()
+      text = text.replace(self.workroot, ROOT_VARIABLE).replace(self.python, "python")
+      with open(meta_path, "w", encoding="utf-8") as f:
+        f.write(text)
+    if not run.zero_shot:
+      with open(os.path.join(self.results_dir, run.name, "checkpoints.json"), "w",
+                encoding="utf-8") as f:
+        json.dump(self.checkpoint_steps(run), f, sort_keys=True)
+
+  def remaining_seconds(self, runs) -> float:
+    total = super().remaining_seconds(runs)
+    if self.budget() is None and any(r.family == "pilot" for r in runs):
+      # B's seeds are not listed yet: plan them at A's 300 steps.
+      total += super().remaining_seconds([r for r in runs_v2(study_config.NUM_STEPS)
+                                          if r.direction == "B" and r.family == "main"])
+    return total
+
+  def run(self, runs) -> None:
+    runs = list(runs)
+    pilots = [r for r in runs if r.family == "pilot"]
+    super().run(pilots)
+    if pilots and all(self.done(r) for r in pilots):
+      self.fix_budget()
+      chosen = {r.name for r in runs}
+      # The B seeds join the selection once the budget exists (a selection by prefix, e.g.
+      # --only=B-, meant them too).
+      runs = [r for r in self.runs() if r.name in chosen or (
+          r.direction == "B" and r.family == "main" and any(c.startswith("B-") for c in chosen))]
+    super().run([r for r in runs if r.family != "pilot"])
+
+
+def print_jobs(study: Study, runs) -> None:
+  for run in runs:
+    for kind, evaluation, command in study.jobs(run):
+      state = ("done" if (study.training_done(run) if kind == "train"
+                          else study.evaluation_done(run, evaluation)) else "to do")
+      if kind == "train" and state != "done" and study.trained_steps(run):
+        state = f"at step {study.trained_steps(run)}"
+      print(f"{run.name:<26} {kind:<8} {evaluation.name if evaluation else '':<18} {state:<12}"
+            f" {' '.join(shlex.quote(c) for c in command[1:])}")
+  print(f"ETA for what is left: {study.remaining_seconds(runs) / 3600:.1f} h")
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--workroot", default=DEFAULT_WORKROOT,
                       help="where run workdirs (checkpoints, embeddings, logs) go")
+  parser.add_argument("--protocol", type=int, choices=(1, 2), default=2,
+                      help="2: the leak-free 5-seed study (results_v2/); 1: the first study")
   parser.add_argument("--only", default="", help="comma-separated run name prefixes")
   parser.add_argument("--report_only", action="store_true", help="only rebuild tables and plots")
   parser.add_argument("--list", action="store_true", help="print every job and its state")
   args = parser.parse_args(argv)
-  study = Study(args.workroot)
-  runs = select(args.only)
+  if args.protocol == 2:
+    study = StudyV2(args.workroot)
+    runs = select(args.only, study.runs())
+  else:
+    study = Study(args.workroot)
+    runs = select(args.only)
   if args.list:
-    for run in runs:
-      for kind, evaluation, command in study.jobs(run):
-        state = ("done" if (study.training_done(run) if kind == "train"
-                            else study.evaluation_done(run, evaluation)) else "to do")
-        if kind == "train" and state != "done" and study.trained_steps(run):
-          state = f"at step {study.trained_steps(run)}"
-        print(f"{run.name:<22} {kind:<8} {evaluation.name if evaluation else '':<13} {state:<12}"
-              f" {' '.join(shlex.quote(c) for c in command[1:])}")
-    print(f"ETA for what is left: {study.remaining_seconds(runs) / 3600:.1f} h")
+    print_jobs(study, runs)
+    if args.protocol == 2 and study.budget() is None:
+      print("B's seed runs are listed once the B pilots have fixed the step budget.")
     return
   if not args.report_only:
     study.run(runs)
-  import report  # pylint: disable=g-import-not-at-top
-  report.build(RESULTS_DIR)
+  if args.protocol == 1:
+    import report  # pylint: disable=g-import-not-at-top
+    report.build(RESULTS_DIR)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def test_study_knows_what_is_done_and_prints_commands(tmp_path):
   assert not s.done(run) and s.trained_steps(run) == 0
   train = s.train_command(run)
   assert train[1:3] == ["-m", "hybrid_jax.train"] and train[3] == (
-      "--config=experiments/study_config.py:direction=A,strategy=xy,alpha=0.5,seed=0")
+      "--config=experiments/study_config.py:direction=A,strategy=xy,alpha=0.5,seed=0,protocol=1")
   (test_eval, shifted) = run.evaluations()
   assert (test_eval.name, shifted.name) == ("mlqa-r-test", "xquad-r")
   command = s.evaluate_command(run, test_eval)
@@ -92,7 +92,7 @@ def test_study_knows_what_is_done_and_prints_commands(tmp_path):
   assert os.listdir(results / "A-xy" / "mlqa-r-test") == ["results.json"]
   # --list runs without touching a model.
   out = subprocess.run([sys.executable, "experiments/study.py", f"--workroot={workroot}",
-                        "--list", "--only=B-"], cwd=REPO, capture_output=True, text=True,
+                        "--list", "--protocol=1", "--only=B-"], cwd=REPO, capture_output=True, text=True,
                        check=True).stdout
   assert out.count("\n") == 3 * 3 + 1 and "B-hybrid" in out and "ETA for what is left" in out
   with pytest.raises(SystemExit, match="matches no run"):
@@ -154,3 +154,82 @@ def test_report_significance_from_per_query_files(tmp_path):
   assert [r["name"] for r in rows] == ["monolingual", "cross_lingual", "multilingual"]
   assert all(r["diff"] == 0.0 and r["p"] == 1.0 for r in rows)  # a run against itself
   assert os.path.isfile(results / "significance" / "mlqa-r-test--A-hybrid--vs--A-mono--map.json")
+
+
+# --- protocol v2 ----------------------------------------------------------------------------------
+def test_v2_runs_differ_only_where_they_should_and_use_the_leak_free_settings():
+  before = study.runs_v2(None)
+  after = study.runs_v2(450)
+  assert len(before) == 3 + 15 + 6 + 1 and len(after) == len(before) + 15
+  assert len({r.name for r in after}) == len(after)
+  assert [r.name for r in after[:3]] == ["B-pilot-mono", "B-pilot-xy", "B-pilot-hybrid"]
+  reference = _flat(next(r for r in after if r.name == "A-hybrid-seed0"))
+  allowed = {"data.batch_type", "data.alpha", "seed", "data.seed", "data.path",
+             "train.num_steps", "train.warmup_steps"}
+  for run in (r for r in after if not r.zero_shot):
+    flat = _flat(run)
+    assert {k for k in flat if flat[k] != reference[k]} <= allowed, run.name
+    assert (flat["data.batch_type"], flat["seed"], flat["train.num_steps"]) == (
+        run.strategy, run.seed, {"pilot": 600}.get(run.family, 450 if run.direction == "B" else
+                                                   300))
+    assert flat["data.validation_unit"] == "article" and flat["data.packing"] is True
+    assert flat["train.false_negative_mask_definition"] == "per_question"
+  # Each trained run: both held-out parts and the other collection's grid, at best and last.
+  names = [e.name for e in next(r for r in after if r.name == "B-xy-seed3").evaluations()]
+  assert names == ["best/mlqa-r-test", "best/xquad-r-test", "best/mlqa-r", "last/mlqa-r-test",
+                   "last/xquad-r-test", "last/mlqa-r"]
+  assert not next(r for r in after if r.family == "pilot").evaluations()
+  zero = after[-1]
+  assert sorted(e.name for e in zero.evaluations()) == sorted(
+      e.name for e in study.RUNS[0].evaluations())  # v1's zero-shot row, to check it is unchanged
+
+
+def test_b_budget_is_the_argmin_of_the_pilots_mean_validation_loss():
+  curves = {"mono": {0: 3.0, 50: 2.0, 100: 1.5, 150: 1.6},
+            "xy": {0: 3.0, 50: 2.1, 100: 1.7, 150: 1.5},
+            "hybrid": {0: 3.0, 50: 2.0, 100: 1.6, 150: 1.6}}
+  budget = study.decide_budget(curves)
+  # Means: 50 -> 2.033, 100 -> 1.6, 150 -> 1.567; step 0 is never a budget.
+  assert budget["steps"] == 150 and budget["mean_validation_loss"]["100"] == 1.6
+  curves["xy"][150] = 1.7  # now 150 ties 100 at 1.6: the earlier step wins
+  assert study.decide_budget(curves)["steps"] == 100
+
+
+def test_v2_runner_fixes_the_budget_copies_last_when_best_and_names_the_root(tmp_path,
+                                                                          monkeypatch):
+  root = tmp_path / "runs"
+  s = study.StudyV2(str(root), str(tmp_path / "results"))
+  assert s.budget() is None and not any(r.direction == "B" and r.family == "main"
+                                         for r in s.runs())
+  for strategy, curve in (("mono", (2.0, 1.4, 1.3)), ("xy", (2.0, 1.6, 1.5)),
+                          ("hybrid", (2.0, 1.5, 1.6))):
+    workdir = root / "protocol2" / f"B-pilot-{strategy}"
+    workdir.mkdir(parents=True)
+    (workdir / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": t, "validation/loss": v}) + "\n" for t, v in zip((50, 100, 150), curve)))
+  assert s.fix_budget()["steps"] == 150  # means 2.0, 1.5, 1.4667
+  assert json.loads((tmp_path / "results" / study.BUDGET_FILE).read_text())["steps"] == 150
+  b_runs = [r for r in s.runs() if r.direction == "B" and r.family == "main"]
+  assert len(b_runs) == 15 and {r.steps for r in b_runs} == {150}
+  assert "steps=150" in s.train_command(b_runs[0])[3]
+  # The last checkpoint is the best one: its scores are copied, not recomputed.
+  run = b_runs[0]
+  monkeypatch.setattr(s, "checkpoint_steps", lambda r: {"best": 150, "last": 150})
+  jobs = list(s.jobs(run))
+  assert [k for k, _, _ in jobs] == ["train"] + ["evaluate"] * 3 + ["copy"] * 3
+  # Collected results name the work root as $STUDY_ROOT and python as python.
+  best = jobs[1][1]
+  out = root / "protocol2" / run.name / "eval" / "best" / best.name.split("/")[1]
+  out.mkdir(parents=True)
+  (out / "results.json").write_text("{}")
+  (out / "results_meta.json").write_text(json.dumps(
+      {"command": " ".join(s.evaluate_command(run, best))}))
+  s.collect(run, best)
+  meta = json.loads((tmp_path / "results" / run.name / best.name / "results_meta.json").read_text())
+  assert meta["command"].startswith("python -m hybrid_jax.evaluate --workdir=$STUDY_ROOT/" +
+                                    run.name + " --step=best")
+  assert str(tmp_path) not in json.dumps(meta)
+  s.run_job(run, "copy", jobs[4][1], [])
+  assert s.evaluation_done(run, jobs[4][1])
+  assert json.loads((tmp_path / "results" / run.name / "checkpoints.json").read_text()) == {
+      "best": 150, "last": 150}
