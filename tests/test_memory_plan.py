@@ -32,13 +32,14 @@ def _config_file(name: str, arg: str):
 
 @pytest.mark.parametrize("devices,batch_size,lengths,chunk", [
     (1, 32, (32, 32), 0),  # one encoder call of 64 rows
-    (8, 64, (16, 32), 0),  # two calls (different lengths), 8 rows per device, dropout bits
+    (8, 64, (16, 32), 0),  # two calls (different lengths), 8 rows per device
     (1, 32, (32, 32), 8),  # GradCache, chunks of 8 rows
 ], ids=["1dev-plain", "8dev-plain", "1dev-gradcache"])
 def test_estimate_agrees_with_xla_memory_analysis(devices, batch_size, lengths, chunk):
   config = runlocal_config("hybrid", **SMALL_ENCODER, **{
       "train.batch_size": batch_size, "train.gradcache_chunk_size": chunk,
-      "data.query_max_length": lengths[0], "data.passage_max_length": lengths[1]})
+      "data.query_max_length": lengths[0], "data.passage_max_length": lengths[1],
+      "data.packing": False})  # the plan counts padded towers
   plan = memory_plan.plan(config, memory_plan.Target("cpu", devices, 1, 0, "cpu"))
   estimate = plan.total()
 
@@ -54,8 +55,12 @@ def test_estimate_agrees_with_xla_memory_analysis(devices, batch_size, lengths, 
   print(f"{devices} device(s), batch {batch_size}, lengths {lengths}, chunk {chunk}: estimate "
         f"{estimate / 2**20:.2f} MiB, XLA {xla / 2**20:.2f} MiB ({estimate / xla - 1:+.1%})")
   assert abs(estimate / xla - 1) <= TOLERANCE, (estimate, xla)
-  if devices > 1:  # the replicated dropout bits are a real part of it
-    assert plan.config_variant.dropout_bits > 0.2 * xla
+  # The dropout bits of the rows each device encodes, on any mesh (tests/test_dropout_sharding.py),
+  # and within the tolerance above: not the global batch's, 8 x as many on 8 devices.
+  rows = (chunk or batch_size) // devices
+  calls = {max(lengths): rows} if chunk else {n: rows * lengths.count(n) for n in set(lengths)}
+  assert plan.config_variant.dropout_bits == 4 * sum(
+      memory_plan.dropout_mask_elements(plan.encoder_config, r, n) for n, r in calls.items()) > 0
 
 
 def test_plans_of_the_real_configs_for_8_gpus_and_a_v4_32():
@@ -76,15 +81,22 @@ def test_plans_of_the_real_configs_for_8_gpus_and_a_v4_32():
     assert plan.optimizer_state == 2 * plan.parameters
     totals = {v.name: plan.total(v) for v in plan.variants}
     assert totals["plain loss, remat"] < totals["plain loss, no remat"]
-    assert min(t for n, t in totals.items() if n.startswith("GradCache")) < totals[
-        "plain loss, no remat"]
+    gradcache = min(t for n, t in totals.items() if n.startswith("GradCache"))
+    if name == "labse" and plan.target == tpu:
+      # LaBSE on the v4-32 (8 rows per device): GradCache's gradient sum of its 471M parameters
+      # (1.75 GiB) outweighs the activations it saves: 8.83 vs 8.78 GiB.
+      assert totals["plain loss, no remat"] < gradcache < 1.01 * totals["plain loss, no remat"]
+    else:
+      assert gradcache < totals["plain loss, no remat"]
     assert max(totals.values()) < plan.target.device_memory_bytes  # all fit at batch 128
   v4 = plans[("large", tpu.name)]
   assert (v4.batch.per_host, v4.batch.per_device, v4.batch.num_hosts) == (32, 8, 4)
   gpu = plans[("large", gpus.name)]
   assert (gpu.batch.per_host, gpu.batch.per_device) == (128, 16)
-  # XLM-R large, plain, v4-32: about 20.6 GiB of the 32 (64%), of which 7.8 GiB dropout bits.
-  assert 18 * memory_plan.GIB < v4.total() < 23 * memory_plan.GIB
+  # XLM-R large, plain, v4-32: about 13.3 GiB of the 32 (41%), of which 0.52 GiB dropout bits
+  # (its 8 rows' per device; 7.8 GiB when each device generated the global batch's).
+  assert 12 * memory_plan.GIB < v4.total() < 14.5 * memory_plan.GIB
+  assert 0.4 * memory_plan.GIB < v4.config_variant.dropout_bits < 0.6 * memory_plan.GIB
   with pytest.raises(sharding.ShardingConfigError, match="not divisible by the 16 devices"):
     memory_plan.plan(_config_file("xlmr_hybrid.py", None), tpu)  # the paper's 100
 
