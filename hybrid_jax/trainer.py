@@ -98,7 +98,13 @@ def validate_config(config, workdir: str, *, num_devices: int | None = None,
   loss_cfg = loss_config(config)
   loss_cfg.validate()
   packing.check_config(config.data)
-  # With packing, chunks are packed rows: the layout rounds its rows to the chunk size.
+  # With packing, chunks are packed rows: the layout rounds chosen rows to the chunk size.
+  rows = int(config.data.get("packing_rows", 0))
+  if loss_cfg.chunk_size and loss_cfg.packed and rows % loss_cfg.chunk_size:
+    raise TrainConfigError(
+        f"config.train.gradcache_chunk_size={loss_cfg.chunk_size} does not divide "
+        f"data.packing_rows={rows} (with data.packing, GradCache chunks packed rows); use a "
+        f"multiple of {loss_cfg.chunk_size}, or data.packing_rows=0 to have it chosen.")
   if (loss_cfg.chunk_size and not loss_cfg.packed
       and train.batch_size % loss_cfg.chunk_size):
     raise TrainConfigError(
