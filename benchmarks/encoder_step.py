@@ -10,7 +10,7 @@ with the same weights (the torch model's random init, imported through hf_checkp
 batch (random ids, padded rows of varied lengths), dropout 0.1 in training mode, AdamW (lr 3e-5,
 weight decay 0.01):
   ours   jax.jit(step, donate_argnums=0): value_and_grad + optax.adamw; dropout bits from the
-         "rbg" generator, as hybrid_jax.trainer does.
+         threefry generator, as hybrid_jax.train_step does.
   torch  transformers XLMRobertaModel / BertModel in train mode (its default SDPA attention),
          torch.optim.AdamW; torch.set_num_threads = the number of cores XLA's CPU client uses.
 Each side runs on its framework's default device: CPU here; on a GPU host both use the GPU (torch
@@ -192,7 +192,7 @@ def main():
 
   state = (params, optimizer.init(params))
   ids_device, mask_device = jax.device_put(ids), jax.device_put(mask)
-  dropout_key = jax.random.key(0, impl="rbg")
+  dropout_key = jax.random.key(0, impl="threefry2x32")
   step_counter = 0
 
   def run_ours(steps: int) -> float:
