@@ -54,7 +54,7 @@ RESULT_FILES = ("results.json", "results_meta.json", "results.md", "settings.csv
                 "per_query.npz", "grid_map.png", "rank_distance.png")
 LOW_RESOURCE = {"xquad-r": ("el", "hi", "th", "tr", "vi"), "mlqa-r": ("hi", "vi")}
 # Planning figures for the ETA before any run has measured its own (this 2-core CPU, e5-small).
-SECONDS_PER_STEP = 4.6
+SECONDS_PER_STEP = 4.6  # v1 (padded, 2 threads); v2 measures its own from metrics.jsonl
 TEXTS_PER_SECOND = 80.0
 EVAL_TEXTS = {"xquad-r": 26_104, "mlqa-r": 24_733, "xquad-r-test": 5_886, "mlqa-r-test": 5_065}
 
@@ -130,6 +130,16 @@ class Study:
 
   def __init__(self, workroot: str, results_dir: str = RESULTS_DIR, python: str = sys.executable):
     self.workroot, self.results_dir, self.python = workroot, results_dir, python
+    self.env = None  # the jobs' environment (None: this process's)
+
+  def single_threaded(self) -> None:
+    """Jobs run XLA (and TensorFlow's input pipeline) on one thread: on a 2-core machine XLA:CPU
+    trains faster on 1 thread than on 2 (benchmarks/README.md, real_step.py), so two runners with
+    disjoint --only selections get twice the work done."""
+    xla = os.environ.get("XLA_FLAGS", "")
+    self.env = dict(os.environ, XLA_FLAGS=(xla + " --xla_cpu_multi_thread_eigen=false "
+                                           "intra_op_parallelism_threads=1").strip(),
+                    OMP_NUM_THREADS="1", TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1")
 
   def workdir(self, run: Run) -> str:
     return os.path.join(self.workroot, run.name)
@@ -243,7 +253,8 @@ class Study:
     with open(log_path, "a", encoding="utf-8") as log:
       log.write(f"\n$ {printable}\n")
       log.flush()
-      returncode = subprocess.call(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+      returncode = subprocess.call(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                   env=self.env)
     if returncode != 0:
       raise SystemExit(f"[study] {run.name}: {kind} failed with exit status {returncode}; see "
                        f"{log_path}. Fix it and run the same command again (it resumes).")
@@ -268,9 +279,13 @@ class Study:
       for kind, evaluation, command in self.jobs(run):
         if kind == "train" and self.training_done(run):
           continue
-        if kind == "evaluate" and self.evaluation_done(run, evaluation):
+        if kind in ("evaluate", "copy") and self.evaluation_done(run, evaluation):
           continue
         self.run_job(run, kind, evaluation, command)
+      self.finished(run)
+
+  def finished(self, run: Run) -> None:
+    """Called once all of a run's jobs are done."""
 
 
 def unseen_languages(evaluated: str, trained: str) -> tuple[str, ...]:
@@ -399,8 +414,8 @@ class StudyV2(Study):
     if budget:
       return budget
     pilots = [r for r in self.runs() if r.family == "pilot"]
-    curves = {r.strategy: validation_curve(os.path.join(self.workdir(r), "metrics.jsonl"))
-              for r in pilots}
+    curves = {r.strategy: validation_curve(os.path.join(self.results_dir, r.name,
+                                                        "metrics.jsonl")) for r in pilots}
     budget = decide_budget(curves)
     os.makedirs(self.results_dir, exist_ok=True)
     with open(os.path.join(self.results_dir, BUDGET_FILE), "w", encoding="utf-8") as f:
@@ -411,8 +426,9 @@ class StudyV2(Study):
 
   # --- state ---
   def done(self, run: Run) -> bool:
-    if run.family == "pilot":
-      return self.training_done(run)
+    if run.family == "pilot":  # its validation curve to the last step is in results_v2/
+      path = os.path.join(self.results_dir, run.name, "metrics.jsonl")
+      return os.path.isfile(path) and run.steps in validation_curve(path)
     return super().done(run)
 
   def checkpoint_steps(self, run: Run) -> dict[str, int | None]:
@@ -443,6 +459,22 @@ class StudyV2(Study):
                     dirs_exist_ok=True)
     print(f"[study] {run.name}: {evaluation.name} = {best.name} (the last checkpoint is the "
           "best one)", flush=True)
+
+  def finished(self, run: Run) -> None:
+    """Frees the disk: a finished run's checkpoints (~2 GB for e5-small with Adam state) and
+    embeddings go; config, metrics and logs stay in the workdir, results in results_v2/."""
+    workdir = self.workdir(run)
+    if run.family == "pilot" and self.training_done(run):
+      os.makedirs(os.path.join(self.results_dir, run.name), exist_ok=True)
+      for name in ("config.json", "metrics.jsonl"):
+        shutil.copy2(os.path.join(workdir, name), os.path.join(self.results_dir, run.name, name))
+    if run.zero_shot or not self.done(run):
+      return
+    doomed = [os.path.join(workdir, d) for d in ("checkpoints", "best")]
+    for root, dirs, _ in os.walk(os.path.join(workdir, "eval")):
+      doomed += [os.path.join(root, d) for d in dirs if d == "embeddings"]
+    for path in doomed:
+      shutil.rmtree(path, ignore_errors=True)
 
   def collect(self, run: Run, evaluation: Evaluation) -> None:
     super().collect(run, evaluation)
@@ -502,6 +534,9 @@ def main(argv=None) -> None:
   parser.add_argument("--only", default="", help="comma-separated run name prefixes")
   parser.add_argument("--report_only", action="store_true", help="only rebuild tables and plots")
   parser.add_argument("--list", action="store_true", help="print every job and its state")
+  parser.add_argument("--single_thread", action="store_true",
+                      help="jobs use one CPU thread (two runners, e.g. --only=A-,zeroshot and "
+                      "--only=B-, then share a 2-core machine)")
   args = parser.parse_args(argv)
   if args.protocol == 2:
     study = StudyV2(args.workroot)
@@ -509,6 +544,8 @@ def main(argv=None) -> None:
   else:
     study = Study(args.workroot)
     runs = select(args.only)
+  if args.single_thread:
+    study.single_threaded()
   if args.list:
     print_jobs(study, runs)
     if args.protocol == 2 and study.budget() is None:

@@ -203,10 +203,12 @@ def test_v2_runner_fixes_the_budget_copies_last_when_best_and_names_the_root(tmp
                                          for r in s.runs())
   for strategy, curve in (("mono", (2.0, 1.4, 1.3)), ("xy", (2.0, 1.6, 1.5)),
                           ("hybrid", (2.0, 1.5, 1.6))):
-    workdir = root / "protocol2" / f"B-pilot-{strategy}"
+    workdir = tmp_path / "results" / f"B-pilot-{strategy}"  # where a finished pilot's curve goes
     workdir.mkdir(parents=True)
     (workdir / "metrics.jsonl").write_text("".join(
         json.dumps({"step": t, "validation/loss": v}) + "\n" for t, v in zip((50, 100, 150), curve)))
+  pilot = s.runs()[0]
+  assert not s.done(pilot)  # its curve stops at step 150 of 600
   assert s.fix_budget()["steps"] == 150  # means 2.0, 1.5, 1.4667
   assert json.loads((tmp_path / "results" / study.BUDGET_FILE).read_text())["steps"] == 150
   b_runs = [r for r in s.runs() if r.direction == "B" and r.family == "main"]
@@ -233,3 +235,20 @@ def test_v2_runner_fixes_the_budget_copies_last_when_best_and_names_the_root(tmp
   assert s.evaluation_done(run, jobs[4][1])
   assert json.loads((tmp_path / "results" / run.name / "checkpoints.json").read_text()) == {
       "best": 150, "last": 150}
+
+
+def test_v2_finished_run_frees_its_checkpoints_and_embeddings_only(tmp_path):
+  s = study.StudyV2(str(tmp_path / "runs"), str(tmp_path / "results"))
+  run = next(r for r in s.runs() if r.name == "A-xy-seed1")
+  workdir = tmp_path / "runs" / "protocol2" / run.name
+  for d in ("checkpoints/300", "best/250", "eval/best/xquad-r/embeddings"):
+    (workdir / d).mkdir(parents=True)
+  (workdir / "config.json").write_text("{}")
+  s.finished(run)  # not done: nothing goes
+  assert (workdir / "checkpoints" / "300").is_dir()
+  for evaluation in run.evaluations():
+    (tmp_path / "results" / run.name / evaluation.name).mkdir(parents=True)
+    (tmp_path / "results" / run.name / evaluation.name / "results.json").write_text("{}")
+  s.finished(run)
+  assert sorted(p.name for p in workdir.iterdir()) == ["config.json", "eval"]
+  assert not (workdir / "eval" / "best" / "xquad-r" / "embeddings").exists()
