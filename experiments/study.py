@@ -133,9 +133,10 @@ class Study:
     self.env = None  # the jobs' environment (None: this process's)
 
   def single_threaded(self) -> None:
-    """Jobs run XLA (and TensorFlow's input pipeline) on one thread: on a 2-core machine XLA:CPU
-    trains faster on 1 thread than on 2 (benchmarks/README.md, real_step.py), so two runners with
-    disjoint --only selections get twice the work done."""
+    """Jobs run XLA (and TensorFlow's input pipeline) on one thread: on this 2-core VM XLA:CPU
+    trains faster on 1 thread than on 2 (benchmarks/README.md, real_step.py). Two runners with
+    disjoint --only selections then share the machine (each at about half speed: no more total
+    throughput, but both directions advance)."""
     xla = os.environ.get("XLA_FLAGS", "")
     self.env = dict(os.environ, XLA_FLAGS=(xla + " --xla_cpu_multi_thread_eigen=false "
                                            "intra_op_parallelism_threads=1").strip(),
@@ -535,8 +536,8 @@ def main(argv=None) -> None:
   parser.add_argument("--report_only", action="store_true", help="only rebuild tables and plots")
   parser.add_argument("--list", action="store_true", help="print every job and its state")
   parser.add_argument("--single_thread", action="store_true",
-                      help="jobs use one CPU thread (two runners, e.g. --only=A-,zeroshot and "
-                      "--only=B-, then share a 2-core machine)")
+                      help="jobs use one CPU thread (faster than two for XLA:CPU on a 2-core "
+                      "VM); two runners, e.g. --only=A-,zeroshot and --only=B-, can share it")
   args = parser.parse_args(argv)
   if args.protocol == 2:
     study = StudyV2(args.workroot)
