@@ -65,6 +65,7 @@ class Evaluation:
   dataset: str
   part: str  # all | test
   step: str = "best"  # the checkpoint scored: best | last
+  centered: bool = False  # v2: the same embeddings scored with --center_languages
 
   def flags(self) -> list[str]:
     out = [f"--dataset={self.dataset}", f"--part={self.part}"]
@@ -330,13 +331,22 @@ FULL_GRIDS = tuple(Evaluation(d, d, "all") for d in ("mlqa-r", "xquad-r"))
 ROOT_VARIABLE = "$STUDY_ROOT"  # what committed commands say instead of a machine's workroot
 
 
+def centered(evaluations) -> tuple[Evaluation, ...]:
+  """The training-free language-bias baseline of each evaluation: its embeddings re-scored with
+  per-language mean centring (evaluate --center_languages; names "...-centered")."""
+  return tuple(dataclasses.replace(e, name=f"{e.name}-centered", centered=True)
+               for e in evaluations)
+
+
 def evaluations_v2(direction: str) -> tuple[Evaluation, ...]:
   """A trained run's scores: both held-out parts and the other collection's full grid, at the
-  best and at the last checkpoint (names "best/mlqa-r-test", ...)."""
+  best and at the last checkpoint (names "best/mlqa-r-test", ...), then the best checkpoint's
+  centred scores."""
   trained = study_config.TRAINING_DATASETS[direction]
   chosen = HELDOUT_PARTS + tuple(e for e in FULL_GRIDS if e.dataset != trained)
-  return tuple(dataclasses.replace(e, name=f"{step}/{e.name}", step=step)
-               for step in CHECKPOINTS for e in chosen)
+  plain = tuple(dataclasses.replace(e, name=f"{step}/{e.name}", step=step)
+                for step in CHECKPOINTS for e in chosen)
+  return plain + centered(e for e in plain if e.step == "best")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,8 +354,8 @@ class RunV2(Run):
   protocol: int = 2
 
   def evaluations(self) -> tuple[Evaluation, ...]:
-    if self.zero_shot:  # the same four evaluations as v1's zero-shot row: numbers unchanged
-      return HELDOUT_PARTS + FULL_GRIDS
+    if self.zero_shot:  # v1's zero-shot row (numbers unchanged), then its centred scores
+      return HELDOUT_PARTS + FULL_GRIDS + centered(HELDOUT_PARTS + FULL_GRIDS)
     if self.family == "pilot":  # only its validation curve (metrics.jsonl) is used
       return ()
     return evaluations_v2(self.direction)
@@ -438,6 +448,30 @@ class StudyV2(Study):
     return {"best": max(steps["best"], default=None),
             "last": max(steps["checkpoints"], default=None)}
 
+  def evaluate_command(self, run: Run, evaluation: Evaluation) -> list[str]:
+    """As v1; a plain score with a centred twin also exports its embeddings, which the centred
+    score re-reads (scoring only, no encoding)."""
+    if not evaluation.centered:
+      command = super().evaluate_command(run, evaluation)
+      if any(e.centered and e.name == f"{evaluation.name}-centered" for e in run.evaluations()):
+        command.append(f"--export_embeddings={self._exported(run, evaluation)}")
+      return command
+    plain = dataclasses.replace(evaluation, name=evaluation.name[:-len("-centered")],
+                                centered=False)
+    groups = f"low_resource={'+'.join(LOW_RESOURCE[evaluation.dataset])}"
+    trained = (study_config.TRAINING_DATASETS[run.direction] if run.direction else
+               next(d for d in study_config.TRAINING_DATASETS.values() if d != evaluation.dataset))
+    unseen = unseen_languages(evaluation.dataset, trained)
+    if evaluation.part == "all" and unseen:
+      groups += f";unseen={'+'.join(unseen)}"
+    out = os.path.join(self.workroot, run.name, "eval", evaluation.name)
+    return [self.python, "-m", "hybrid_jax.evaluate",
+            f"--embeddings={self._exported(run, plain)}", "--center_languages",
+            *evaluation.flags(), f"--groups={groups}", f"--output_dir={out}"]
+
+  def _exported(self, run: Run, evaluation: Evaluation) -> str:
+    return os.path.join(self.workroot, run.name, "eval", evaluation.name, "exported")
+
   def jobs(self, run: Run):
     """As v1, plus: a last-checkpoint score whose checkpoint IS the best one is copied, not
     recomputed (kind "copy"). A generator: the steps are read after the training job ran."""
@@ -473,7 +507,7 @@ class StudyV2(Study):
       return
     doomed = [os.path.join(workdir, d) for d in ("checkpoints", "best")]
     for root, dirs, _ in os.walk(os.path.join(workdir, "eval")):
-      doomed += [os.path.join(root, d) for d in dirs if d == "embeddings"]
+      doomed += [os.path.join(root, d) for d in dirs if d in ("embeddings", "exported")]
     for path in doomed:
       shutil.rmtree(path, ignore_errors=True)
 

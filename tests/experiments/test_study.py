@@ -177,11 +177,25 @@ def test_v2_runs_differ_only_where_they_should_and_use_the_leak_free_settings():
   # Each trained run: both held-out parts and the other collection's grid, at best and last.
   names = [e.name for e in next(r for r in after if r.name == "B-xy-seed3").evaluations()]
   assert names == ["best/mlqa-r-test", "best/xquad-r-test", "best/mlqa-r", "last/mlqa-r-test",
-                   "last/xquad-r-test", "last/mlqa-r"]
+                   "last/xquad-r-test", "last/mlqa-r", "best/mlqa-r-test-centered",
+                   "best/xquad-r-test-centered", "best/mlqa-r-centered"]
   assert not next(r for r in after if r.family == "pilot").evaluations()
   zero = after[-1]
-  assert sorted(e.name for e in zero.evaluations()) == sorted(
+  assert sorted(e.name for e in zero.evaluations() if not e.centered) == sorted(
       e.name for e in study.RUNS[0].evaluations())  # v1's zero-shot row, to check it is unchanged
+  # The centring baseline re-scores the plain evaluation's exported embeddings.
+  s = study.StudyV2("/root/runs")
+  run = next(r for r in after if r.name == "A-xy-seed0")
+  plain, center = (next(e for e in run.evaluations() if e.name == n)
+                   for n in ("best/xquad-r", "best/xquad-r-centered"))
+  exported = "--export_embeddings=/root/runs/protocol2/A-xy-seed0/eval/best/xquad-r/exported"
+  assert exported in s.evaluate_command(run, plain)
+  command = s.evaluate_command(run, center)
+  assert command[3:5] == [exported.replace("--export_embeddings", "--embeddings"),
+                          "--center_languages"]
+  assert "--groups=low_resource=el+hi+th+tr+vi;unseen=el+ru+th+tr" in command
+  assert not any(a.startswith("--export") for a in s.evaluate_command(
+      run, next(e for e in run.evaluations() if e.name == "last/xquad-r")))
 
 
 def test_b_budget_is_the_argmin_of_the_pilots_mean_validation_loss():
@@ -218,7 +232,7 @@ def test_v2_runner_fixes_the_budget_copies_last_when_best_and_names_the_root(tmp
   run = b_runs[0]
   monkeypatch.setattr(s, "checkpoint_steps", lambda r: {"best": 150, "last": 150})
   jobs = list(s.jobs(run))
-  assert [k for k, _, _ in jobs] == ["train"] + ["evaluate"] * 3 + ["copy"] * 3
+  assert [k for k, _, _ in jobs] == ["train"] + ["evaluate"] * 3 + ["copy"] * 3 + ["evaluate"] * 3
   # Collected results name the work root as $STUDY_ROOT and python as python.
   best = jobs[1][1]
   out = root / "protocol2" / run.name / "eval" / "best" / best.name.split("/")[1]
