@@ -106,6 +106,8 @@ def train(args) -> dict:
   config = _experiment_config(args.model, args.batch_size, args.chunk, args.lengths)
   plan = memory_plan.plan(config, memory_plan.local_target())
   encoder_config = plan.encoder_config  # the preset at this platform's dtype ("auto")
+  # Random-token batches carry no passage ids: no false-negative mask (its cost is O(B^2) anyway).
+  config.train.mask_false_negatives = False
   loss_cfg = losses.LossConfig.from_train_config(config.train)
   mesh = sharding.make_mesh(config.mesh)
   fns = train_step.step_functions(encoder_config, loss_cfg,

@@ -225,6 +225,9 @@ class Study:
         total += left * per_step + validations * 16 * per_step / 3 + (60 if left else 0)
       for evaluation in run.evaluations():
         if not self.evaluation_done(run, evaluation):
+          if evaluation.centered:  # re-scores exported embeddings: seconds
+            total += 30
+            continue
           total += EVAL_TEXTS[evaluation.name.split("/")[-1]] / TEXTS_PER_SECOND + 30
     return total
 

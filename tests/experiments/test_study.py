@@ -266,3 +266,10 @@ def test_v2_finished_run_frees_its_checkpoints_and_embeddings_only(tmp_path):
   s.finished(run)
   assert sorted(p.name for p in workdir.iterdir()) == ["config.json", "eval"]
   assert not (workdir / "eval" / "best" / "xquad-r" / "embeddings").exists()
+
+
+def test_v2_list_plans_every_job_with_an_eta(tmp_path):
+  out = subprocess.run([sys.executable, "experiments/study.py", f"--workroot={tmp_path}", "--list"],
+                       cwd=REPO, capture_output=True, text=True, check=True).stdout
+  assert "best/xquad-r-centered" in out and "B-pilot-hybrid" in out
+  assert "ETA for what is left" in out and "listed once the B pilots" in out
