@@ -37,20 +37,10 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _threads_from_argv() -> int:
-  for i, arg in enumerate(sys.argv):
-    if arg.startswith("--threads="):
-      return int(arg.split("=", 1)[1])
-    if arg == "--threads" and i + 1 < len(sys.argv):
-      return int(sys.argv[i + 1])
-  return 2
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cpu_threads  # noqa: E402  pylint: disable=wrong-import-position
 
-
-# Set before jax is imported: XLA:CPU sizes its thread pool from these at start-up.
-THREADS = _threads_from_argv()
-if THREADS == 1:
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
-                             " intra_op_parallelism_threads=1").strip()
+THREADS = cpu_threads.pin_from_argv(default=2)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -35,22 +35,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 
-def _threads_from_argv() -> int:
-  for i, arg in enumerate(sys.argv):
-    if arg.startswith("--threads="):
-      return int(arg.split("=", 1)[1])
-    if arg == "--threads" and i + 1 < len(sys.argv):
-      return int(sys.argv[i + 1])
-  return 1
+# Both sides get the same number of CPU threads. With 1 (the default) XLA runs single-threaded too.
+# (On a machine shared with other jobs, PyTorch's OpenMP threads spin at barriers when a core is
+# taken: 2 threads were measured 23x slower than 1 under load here.)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cpu_threads  # noqa: E402  pylint: disable=wrong-import-position
 
-
-# Both sides get the same number of CPU threads. With 1 (the default) XLA runs single-threaded too;
-# set before jax is imported. (On a machine shared with other jobs, PyTorch's OpenMP threads spin at
-# barriers when a core is taken: 2 threads were measured 23x slower than 1 under load here.)
-THREADS = _threads_from_argv()
-if THREADS == 1:
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
-                             " intra_op_parallelism_threads=1").strip()
+THREADS = cpu_threads.pin_from_argv(default=1)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -13,8 +13,6 @@ loss curve."""
 from __future__ import annotations
 
 import functools
-import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +25,7 @@ from hybrid_jax import train_step
 from hybrid_jax import trainer
 from hybrid_jax.data import packing
 from hybrid_jax.models import encoder as encoder_lib
-from train_helpers import random_token_batch, runlocal_config
+from train_helpers import metric_curves, random_token_batch, runlocal_config, wide_random_params
 
 TOL = 1e-5  # float32
 BATCH = 32
@@ -47,17 +45,7 @@ def _encoder_config(dropout: float = 0.0) -> encoder_lib.EncoderConfig:
 
 
 def _params(config, loss_cfg) -> dict:
-  """Random params at 10x BERT's init std (as tests/test_packed_training.py: at 0.02 every text's
-  embedding is nearly the same, and a text pooled from the wrong segment could hide)."""
-  rng = np.random.default_rng(0)
-  shapes = jax.eval_shape(lambda: encoder_lib.init_params(config, jax.random.key(0)))
-
-  def one(path, leaf):
-    noise = rng.standard_normal(leaf.shape).astype(np.float32)
-    if len(leaf.shape) == 2:
-      return 0.2 * noise
-    return (1.0 if path[-1].key == "scale" else 0.0) + 0.1 * noise
-  return {"encoder": jax.tree_util.tree_map_with_path(one, shapes), **loss_cfg.initial_params()}
+  return {"encoder": wide_random_params(config), **loss_cfg.initial_params()}
 
 
 def _loss(hard_negatives: bool, chunk_size: int = 0) -> losses.LossConfig:
@@ -265,26 +253,12 @@ RUN = {"train.num_steps": STEPS, "train.warmup_steps": 1, "train.log_every_steps
        "data.packing": True, "data.packing_row_length": 32}
 
 
-def _curve(workdir: str) -> dict[tuple[int, str], float]:
-  curve = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      record = json.loads(line)
-      for key in ("loss", "validation/loss", "grad_norm"):
-        if key in record:
-          curve[record["step"], key] = record[key]
-  return curve
-
-
 def test_runlocal_packed_gradcache_logs_the_plain_packed_loss_curve(tmp_path, capfd):
-  curves = {}
   # 8 devices: the chosen rows are a multiple of the 8 batch shards, so chunks of 8 divide them.
-  for name, chunk in (("plain", 0), ("gradcache", 8)):
-    config = runlocal_config("hybrid", **{**RUN, "train.gradcache_chunk_size": chunk})
-    config.evals = {}
-    workdir = str(tmp_path / name)
-    trainer.train_and_evaluate(config, workdir)
-    curves[name] = _curve(workdir)
+  curves = metric_curves(
+      {name: runlocal_config("hybrid", **{**RUN, "train.gradcache_chunk_size": chunk})
+       for name, chunk in (("plain", 0), ("gradcache", 8))},
+      ("loss", "validation/loss", "grad_norm"), tmp_path)
   assert "GradCache chunks of 8" in capfd.readouterr().err
   assert curves["plain"].keys() == curves["gradcache"].keys()
   assert {key for _, key in curves["plain"]} == {"loss", "validation/loss", "grad_norm"}

@@ -7,9 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
 import math
-import os
 
 import jax
 import numpy as np
@@ -24,7 +22,7 @@ from hybrid_jax.data import packing
 from hybrid_jax.data import pipeline
 from hybrid_jax.models import encoder as encoder_lib
 from hybrid_jax.models import presets
-from train_helpers import random_token_batch, runlocal_config
+from train_helpers import metric_curves, random_token_batch, runlocal_config, wide_random_params
 
 TOL = 1e-5  # float32; packing only reorders a few sums
 BATCH = 32
@@ -43,17 +41,7 @@ def _encoder_config() -> encoder_lib.EncoderConfig:
 
 
 def _params(config) -> dict:
-  """Random params, 10x BERT's init std (as tests/models/test_encoder_packing.py: at 0.02 every
-  text's embedding is nearly the same and a wrong segment could hide under the tolerance)."""
-  rng = np.random.default_rng(0)
-  shapes = jax.eval_shape(lambda: encoder_lib.init_params(config, jax.random.key(0)))
-
-  def one(path, leaf):
-    noise = rng.standard_normal(leaf.shape).astype(np.float32)
-    if len(leaf.shape) == 2:
-      return 0.2 * noise
-    return (1.0 if path[-1].key == "scale" else 0.0) + 0.1 * noise
-  return {"encoder": jax.tree_util.tree_map_with_path(one, shapes)}
+  return {"encoder": wide_random_params(config)}
 
 
 LOSS = losses.LossConfig(hard_negatives=True, mask_same_id=True, mask_false_negatives=True,
@@ -215,26 +203,12 @@ RUN = {"train.num_steps": STEPS, "train.warmup_steps": 2, "train.log_every_steps
        "data.validation_batches": 2}
 
 
-def _curve(workdir: str) -> dict[tuple[int, str], float]:
-  curve = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      record = json.loads(line)
-      for key in ("loss", "validation/loss", "accuracy"):
-        if key in record:
-          curve[record["step"], key] = record[key]
-  return curve
-
-
 def test_runlocal_training_with_packing_logs_the_padded_loss_curve(tmp_path, capfd):
-  curves = {}
-  for name, extra in (("padded", {}), ("packed", {"data.packing": True,
-                                                  "data.packing_row_length": 32})):
-    config = runlocal_config("hybrid", **{**RUN, **extra})
-    config.evals = {}  # the loss curve is the point; the grid has its own tests
-    workdir = str(tmp_path / name)
-    trainer.train_and_evaluate(config, workdir)
-    curves[name] = _curve(workdir)
+  curves = metric_curves(
+      {"padded": runlocal_config("hybrid", **RUN, **{"data.packing": False}),
+       "packed": runlocal_config("hybrid", **RUN, **{"data.packing": True,
+                                                     "data.packing_row_length": 32})},
+      ("loss", "validation/loss", "accuracy"), tmp_path)
   assert "packing: " in capfd.readouterr().err  # the chosen rows are logged
   assert curves["padded"].keys() == curves["packed"].keys()
   assert {key for _, key in curves["padded"]} == {"loss", "validation/loss", "accuracy"}

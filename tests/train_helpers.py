@@ -33,6 +33,40 @@ def runlocal_config(batch_type="hybrid", **extra):
   return config
 
 
+def wide_random_params(config) -> dict:
+  """Encoder params drawn at 10x BERT's init std (matrices 0.2, vectors 0.1 around 0 / 1 for
+  LayerNorm scales): at 0.02 every text's embedding is nearly the same, and a text pooled from the
+  wrong segment could hide under a packing test's tolerance."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from hybrid_jax.models import encoder as encoder_lib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  shapes = jax.eval_shape(lambda: encoder_lib.init_params(config, jax.random.key(0)))
+
+  def one(path, leaf):
+    noise = rng.standard_normal(leaf.shape).astype(np.float32)
+    if len(leaf.shape) == 2:
+      return 0.2 * noise
+    return (1.0 if path[-1].key == "scale" else 0.0) + 0.1 * noise
+  return jax.tree_util.tree_map_with_path(one, shapes)
+
+
+def metric_curves(runs: dict, keys, workroot) -> dict:
+  """Trains each {name: config} run (trainer.train_and_evaluate, no evals) in workroot/name and
+  returns {name: {(step, key): value}} for the metrics.jsonl keys asked for."""
+  from hybrid_jax import trainer  # pylint: disable=g-import-not-at-top  (heavy: only when used)
+  curves = {}
+  for name, config in runs.items():
+    config.evals = {}  # the loss curve is the point; the grid has its own tests
+    workdir = os.path.join(str(workroot), name)
+    trainer.train_and_evaluate(config, workdir)
+    curve = curves[name] = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      for line in f:
+        record = json.loads(line)
+        curve.update({(record["step"], k): record[k] for k in keys if k in record})
+  return curves
+
+
 def cli_flags(workdir, batch_type="hybrid"):
   """The `python -m hybrid_jax.train` command line of runlocal_config(batch_type)."""
   return ([sys.executable, "-m", "hybrid_jax.train",
