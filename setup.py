@@ -35,6 +35,7 @@ EXTRAS_REQUIRE = {
     # Everything the test suite and the benchmarks need, on CPU. torch is the parity reference.
     "test": [
         "pytest==9.2.0",
+        "pytest-xdist==3.8.0",  # pytest.ini: one worker per core
         "torch==2.13.0",
         "pytrec-eval-terrier==0.5.11",
         "scikit-learn==1.9.1",

@@ -13,7 +13,8 @@ before any B seed runs; then 5 seeds x {mono, xy, hybrid} x {A, B}, alpha 0.25 /
 in A, and zero-shot. Every trained run is scored at its best (shared validation) AND last
 checkpoint on both held-out parts (mlqa-r-test, xquad-r-test) and the other collection's full
 grid: results_v2/<run>/{best,last}/<evaluation>/ and checkpoints.json (the two steps; when they
-are equal the last scores are a copy).
+are equal the last scores are a copy). experiments/report_v2.py turns them into
+docs/RESULTS_v2.md.
 
 Protocol v1 (below, RUNS):
 
@@ -594,6 +595,9 @@ def main(argv=None) -> None:
   if args.protocol == 1:
     import report  # pylint: disable=g-import-not-at-top
     report.build(RESULTS_DIR)
+  else:
+    import report_v2  # pylint: disable=g-import-not-at-top
+    report_v2.build(study.results_dir)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@ any laptop (the same code paths as an 8-chip TPU host).
 
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+from train_helpers import xla_flags  # noqa: E402  (numpy only: jax is not imported yet)
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # TensorFlow must never grab an accelerator
@@ -48,3 +48,22 @@ def pytest_runtest_setup(item):
   # A hook, not an autouse fixture: it runs before session fixtures that would read the data.
   if _MISSING and item.get_closest_marker("real_data"):
     pytest.skip(_SKIP_REASON)
+
+
+# pytest-xdist (pytest.ini: -n auto --dist=worksteal) splits the tests in collection order between
+# its workers, and a worker that runs dry takes over the tail of another's share. The slowest
+# files go first, so they start at once and what is left to take over at the end is short
+# (seconds measured with 2 workers on 2 cores, 2026-12-07).
+SLOWEST_FILES_FIRST = (
+    "test_trainer.py",  # 290 s: three trainings, two hosts, SIGKILL/SIGTERM resumes
+    "test_fault_injection.py",  # 115 s: 12 training processes
+    "test_gradcache_packing.py", "test_memory_plan.py", "test_export.py",
+    "test_dropout_sharding.py", "test_sharding.py", "test_gradcache.py",
+    "test_benchmarks_smoke.py", "test_packed_training.py", "test_encoder_packing.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(SLOWEST_FILES_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file
+

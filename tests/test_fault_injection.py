@@ -21,7 +21,7 @@ import numpy as np
 
 from hybrid_jax import checkpointing
 from hybrid_jax import train_metrics
-from train_helpers import REPO
+from train_helpers import REPO, xla_flags
 
 STEPS = 45
 EVERY = 3  # checkpoint_every_steps == log_every_steps
@@ -43,7 +43,7 @@ def _command(workdir):
 
 
 def _env(tmp_path):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  env = {**os.environ, "XLA_FLAGS": xla_flags(1)}
   env.setdefault("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "xla_cache"))
   env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   env.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")

@@ -25,7 +25,7 @@ from hybrid_jax import sharding
 from hybrid_jax import train_metrics
 from hybrid_jax import train_step  # noqa: F401  (named in the docstring)
 from hybrid_jax import trainer
-from train_helpers import REPO, STEPS, cli_flags, runlocal_config
+from train_helpers import REPO, STEPS, cli_flags, runlocal_config, xla_flags
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
@@ -164,7 +164,7 @@ def _start_hosts(workdir):
   with socket.socket() as probe:
     probe.bind(("127.0.0.1", 0))
     port = str(probe.getsockname()[1])
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  env = {**os.environ, "XLA_FLAGS": xla_flags(4)}
   return [subprocess.Popen([sys.executable, "-c", _HOST_PROGRAM, str(i), port, workdir,
                             os.path.join(REPO, "tests")], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
