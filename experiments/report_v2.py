@@ -107,31 +107,41 @@ def mean_sd(xs: list[float], digits: int = 3) -> str:
 # --- comparisons --------------------------------------------------------------------------------
 def comparison(results_dir: str, runs_a: list[str], runs_b: list[str], evaluation_a: str,
                evaluation_b: str | None = None, metric: str = "map") -> dict | None:
-  """{family: row dict} of B - A (seed means) over the runs that have the evaluation, or None.
+  """{family: row} of B - A (seed means; row["a"], row["b"] the two means), or None."""
+  rows = contrast_rows(results_dir, [(runs_a, evaluation_a), (runs_b, evaluation_b or
+                                                              evaluation_a)], (-1.0, 1.0), metric)
+  if rows is None:
+    return None
+  return {name: dict(r, a=r["means"][0], b=r["means"][1]) for name, r in rows.items()}
 
-  Cached under comparisons/ by the runs and evaluations compared; a cache older than any of its
+
+def contrast_rows(results_dir: str, groups: list[tuple[list[str], str]],
+                  coefficients: tuple[float, ...], metric: str = "map") -> dict | None:
+  """{family: row dict} of sum_j c_j (seed mean of group j) over the runs that have the group's
+  evaluation (hybrid_jax.eval.significance.contrast), or None while a group has none.
+
+  Cached under comparisons/ by the directories and coefficients; a cache older than any of its
   per_query.npz files is recomputed."""
   from hybrid_jax.eval import significance  # pylint: disable=g-import-not-at-top
-  evaluation_b = evaluation_b or evaluation_a
-  dirs_a = [result_dir(results_dir, r, evaluation_a) for r in runs_a]
-  dirs_b = [result_dir(results_dir, r, evaluation_b) for r in runs_b]
-  dirs_a = [d for d in dirs_a if os.path.isfile(os.path.join(d, "per_query.npz"))]
-  dirs_b = [d for d in dirs_b if os.path.isfile(os.path.join(d, "per_query.npz"))]
-  if not dirs_a or not dirs_b:
+  dir_groups = []
+  for runs, evaluation in groups:
+    dirs = [result_dir(results_dir, r, evaluation) for r in runs]
+    dir_groups.append([d for d in dirs if os.path.isfile(os.path.join(d, "per_query.npz"))])
+  if not all(dir_groups):
     return None
-  key = json.dumps([[os.path.relpath(d, results_dir) for d in dirs] for dirs in (dirs_a, dirs_b)]
-                   + [metric])
+  key = json.dumps([[os.path.relpath(d, results_dir) for d in dirs] for dirs in dir_groups]
+                   + [list(coefficients), metric])
   cache = os.path.join(results_dir, COMPARISONS,
                        f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json")
-  newest = max(os.path.getmtime(os.path.join(d, "per_query.npz")) for d in dirs_a + dirs_b)
+  newest = max(os.path.getmtime(os.path.join(d, "per_query.npz"))
+               for dirs in dir_groups for d in dirs)
   if os.path.isfile(cache) and os.path.getmtime(cache) >= newest:
     with open(cache, encoding="utf-8") as f:
       return json.load(f)["rows"]
-  rows = significance.compare(dirs_a, dirs_b, metric, RESAMPLES, 0, cluster="question",
-                              summary_only=True)
-  out = {r.name: dict(a=r.a, b=r.b, diff=r.diff, p=r.p_value, p_floor=r.p_floor, lo=r.ci_low,
-                      hi=r.ci_high, runs=[len(dirs_a), len(dirs_b)], method=r.method)
-         for r in rows}
+  rows = significance.contrast(dir_groups, coefficients, metric, RESAMPLES, 0)
+  out = {r.name: dict(diff=r.value, p=r.p_value, p_floor=r.p_floor, lo=r.ci_low, hi=r.ci_high,
+                      means=list(r.group_means), runs=[len(d) for d in dir_groups],
+                      method=r.method) for r in rows}
   os.makedirs(os.path.dirname(cache), exist_ok=True)
   with open(cache, "w", encoding="utf-8") as f:
     json.dump({"compared": json.loads(key), "rows": out}, f, indent=1)
@@ -219,7 +229,7 @@ def strategy_comparisons(results_dir: str, results: dict) -> list[str]:
   for k, (pool, direction, label, *_rest) in enumerate(specs):
     where = "in-domain" if TRAINED_ON[direction] == pool else "shifted"
     rows.append([pool, f"{direction} ({where})", label] + flat[3 * k:3 * k + 3] + [rd_cells[k]])
-  return report.table(["pool", "trained", "B - A", "mAP mono", "mAP cross", "mAP multi",
+  return report.table(["pool", "trained", "difference", "mAP mono", "mAP cross", "mAP multi",
                        "rank distance (lower is better)"], rows)
 
 
@@ -238,6 +248,25 @@ def shift_section(results_dir: str, results: dict) -> list[str]:
   rows = [[pool, NAMES[s], f"{home} - {away}"] + cells[3 * k:3 * k + 3]
           for k, (pool, home, away, s) in enumerate(specs)]
   return report.table(["pool", "batches", "in-domain - shifted model", "mAP mono", "mAP cross",
+                       "mAP multi"], rows)
+
+
+def penalty_differences(results_dir: str) -> list[str]:
+  """Question 2's test: is one strategy's shift penalty smaller than another's on the same pool?
+  (S in-domain - S shifted) - (T in-domain - T shifted), four independent groups of seeds."""
+  specs = []
+  for pool in POOLS:
+    home = next(d for d in ("A", "B") if TRAINED_ON[d] == pool)
+    away = next(d for d in ("A", "B") if d != home)
+    best = evaluation_name(pool)
+    for a, b in PAIRS:
+      groups = [(seed_names(home, b), best), (seed_names(away, b), best),
+                (seed_names(home, a), best), (seed_names(away, a), best)]
+      specs.append((pool, f"{NAMES[b]} vs {NAMES[a]}", contrast_rows(
+          results_dir, groups, (1.0, -1.0, -1.0, 1.0))))
+  cells = holm_cells([f.get(fam) if f else None for *_, f in specs for fam in FAMILIES])
+  rows = [[pool, label] + cells[3 * k:3 * k + 3] for k, (pool, label, _) in enumerate(specs)]
+  return report.table(["pool", "S vs T: penalty of S - penalty of T", "mAP mono", "mAP cross",
                        "mAP multi"], rows)
 
 
@@ -333,7 +362,7 @@ def build(results_dir: str = study.RESULTS_DIR_V2, output: str = OUTPUT) -> str:
   lines += ["## Headline: every model on both held-out pools, with the centring baseline", ""]
   lines += headline(results)
   lines += ["## Strategy comparisons (seed-aware)", "",
-            f"B - A of the seed means (best checkpoints), its 95% two-level bootstrap-t interval "
+            f"Difference of the seed means (best checkpoints), its 95% two-level bootstrap-t interval "
             f"over seeds and question clusters ({RESAMPLES:,} resamples, seed 0; "
             "`python -m hybrid_jax.compare A_seed0,...,A_seed4 B_seed0,...,B_seed4`), the "
             "two-sided p and Holm's adjustment over every mAP p-value of this table (rank "
@@ -345,6 +374,11 @@ def build(results_dir: str = study.RESULTS_DIR_V2, output: str = OUTPUT) -> str:
             "model trained on the other one (shifted): the same queries and candidates on both "
             "sides, so the difference is the domain shift alone (seed-aware, as above).", ""]
   lines += shift_section(results_dir, results)
+  lines += ["Is one strategy more robust to the shift than another? The difference of their "
+            "penalties on the same pool, (S in-domain - S shifted) - (T in-domain - T shifted) for "
+            "strategies S and T, over four independent groups of seeds "
+            "(`hybrid_jax.eval.significance.contrast`); negative: S loses less to the shift.", ""]
+  lines += penalty_differences(results_dir)
   lines += ["## Best vs last checkpoint", "",
             "Primary numbers are the best checkpoint by the shared validation loss (same fixed "
             "batches for every strategy, validation split by article). The last checkpoint of "

@@ -176,7 +176,7 @@ def sign_flip_test(contributions: np.ndarray, clusters: np.ndarray | None = None
 # --- seed-aware: two-level bootstrap-t ------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class SeedBootstrapResult:
-  diff: np.ndarray  # [K] D = mean over B's runs - mean over A's runs
+  diff: np.ndarray  # [K] D = mean over B's runs - mean over A's runs (or the contrast)
   se: np.ndarray  # [K]
   ci_low: np.ndarray  # [K] 95% (or 1 - alpha) bootstrap-t interval
   ci_high: np.ndarray
@@ -196,33 +196,58 @@ def _seed_variance(totals: np.ndarray, weights: np.ndarray, runs: int) -> np.nda
 
 def seed_bootstrap(runs_a: np.ndarray, runs_b: np.ndarray, num_resamples: int = 10_000,
                    seed: int = 0, alpha: float = 0.05) -> SeedBootstrapResult:
-  """Two-level bootstrap-t of the difference of seed means (module docstring).
+  """Two-level bootstrap-t of the difference of seed means, B - A (module docstring).
 
   Args:
     runs_a: [m, K, C] per-cluster contributions of A's m runs to K statistics (the statistic of
       run r is runs_a[r, k].sum()); C clusters, the same for every run.
     runs_b: [n, K, C] the same for B.
   """
-  xa, xb = np.asarray(runs_a, np.float64), np.asarray(runs_b, np.float64)
-  m, n, num_clusters = len(xa), len(xb), xa.shape[-1]
+  return contrast_bootstrap([runs_a, runs_b], [-1.0, 1.0], num_resamples, seed, alpha)
+
+
+def contrast_bootstrap(groups: Sequence[np.ndarray], coefficients: Sequence[float],
+                       num_resamples: int = 10_000, seed: int = 0,
+                       alpha: float = 0.05) -> SeedBootstrapResult:
+  """Two-level bootstrap-t of a contrast of seed means, D = sum_j c_j mean_r T(group_j run r).
+
+  B - A is groups (A, B) with coefficients (-1, +1). Four groups with (+1, -1, -1, +1) give a
+  difference of differences, e.g. "is B's shift penalty smaller than A's?": (B in-domain - B
+  shifted) - (A in-domain - A shifted) on one pool. Each group's seeds are resampled on their own
+  (independent trainings), the question clusters jointly (every run scored the same questions);
+  se^2 = sum_j c_j^2 var_r T(group_j) / n_j + C var_c(d_c), d_c the contrast on cluster c.
+
+  Args:
+    groups: each [n_j, K, C] per-cluster contributions of a group's runs (the same K statistics
+      and C clusters in every group); a group of one run is a fixed model.
+    coefficients: c_j, one per group.
+  """
+  if len(groups) != len(coefficients) or not groups:
+    raise CompareError(f"{len(groups)} groups but {len(coefficients)} coefficients; give one "
+                       "coefficient per group of runs")
+  xs = [np.asarray(g, np.float64) for g in groups]
+  sizes = [len(x) for x in xs]
+  num_clusters = xs[0].shape[-1]
   if num_clusters < 2:
     raise CompareError(f"{num_clusters} question cluster: the bootstrap needs at least 2")
-  x = np.concatenate([xa, xb])  # [R, K, C]
+  x = np.concatenate(xs)  # [R, K, C]
   num_runs, num_stats = x.shape[:2]
+  offsets = np.cumsum([0] + sizes)
   flat = x.reshape(num_runs, num_stats * num_clusters)  # run r's d_c entries, for g @ flat
   by_cluster = x.reshape(num_runs * num_stats, num_clusters).T  # [C, R K], for counts @ it
 
   def studentise(cluster_counts, g, totals):
-    """D*, se* of draws: cluster_counts [B, C], run weights g [B, R] (-A / +B), totals [B, R, K]."""
+    """D*, se* of draws: cluster_counts [B, C], run weights g [B, R] (c_j / n_j per draw of a
+    run of group j), totals [B, R, K]."""
     diff = np.einsum("br,brk->bk", g, totals)
-    var = (_seed_variance(totals[:, :m], -g[:, :m], m)
-           + _seed_variance(totals[:, m:], g[:, m:], n))
+    var = sum(c * c * _seed_variance(totals[:, lo:hi], g[:, lo:hi] / c, n) if c else 0.0
+              for c, n, lo, hi in zip(coefficients, sizes, offsets[:-1], offsets[1:]))
     per_cluster = (g @ flat).reshape(len(g), num_stats, num_clusters)  # d*_c [B, K, C]
     square = np.einsum("bc,bkc->bk", cluster_counts, per_cluster * per_cluster)
     questions = num_clusters / (num_clusters - 1) * (square - diff ** 2 / num_clusters)
     return diff, np.sqrt(np.maximum(var + np.maximum(questions, 0.0), 0.0))
 
-  identity_g = np.concatenate([np.full(m, -1.0 / m), np.full(n, 1.0 / n)])[None, :]
+  identity_g = np.concatenate([np.full(n, c / n) for c, n in zip(coefficients, sizes)])[None, :]
   diff, se = studentise(np.ones((1, num_clusters)), identity_g, x.sum(-1)[None])
   diff, se = diff[0], se[0]
   rng = np.random.default_rng(seed)
@@ -233,9 +258,8 @@ def seed_bootstrap(runs_a: np.ndarray, runs_b: np.ndarray, num_resamples: int = 
   while done < num_resamples:
     size = min(block, num_resamples - done)
     counts = _counts(rng.integers(0, num_clusters, size=(size, num_clusters)), num_clusters)
-    picks_a = rng.integers(0, m, size=(size, m))
-    picks_b = rng.integers(0, n, size=(size, n))
-    g = np.concatenate([-_counts(picks_a, m) / m, _counts(picks_b, n) / n], axis=1)  # [B, R]
+    g = np.concatenate([c * _counts(rng.integers(0, n, size=(size, n)), n) / n
+                        for c, n in zip(coefficients, sizes)], axis=1)  # [B, R]
     totals = (counts @ by_cluster).reshape(size, num_runs, num_stats)
     d_star, se_star = studentise(counts, g, totals)
     shift = d_star - diff[None, :]
@@ -425,23 +449,8 @@ def compare(dirs_a: str | Sequence[str], dirs_b: str | Sequence[str], metric: st
   if num_permutations < 1:
     raise CompareError(f"num_permutations={num_permutations}; expected at least 1 (10,000 is "
                        "the default)")
-  results, base, values = _load_runs(dirs_a + dirs_b, metric)
-  columns = [str(c) for c in base["setting_columns"]]
-  langs = columns[:-1]
-  if values[0].ndim == 1:  # rank distance: pool only
-    values = [np.concatenate([np.full((len(v), len(langs)), np.nan), v[:, None]], axis=1)
-              for v in values]
-  query_lang = np.array([str(x) for x in base["query_langs"]])
-  # A query enters a setting where every run scored it (the same queries for all runs of one
-  # collection: NaN marks a setting without a relevant candidate).
-  scored = np.all([~np.isnan(v) for v in values], axis=0)
-  values = [np.where(scored, v, 0.0).astype(np.float64) for v in values]
-  statistics = _statistics(results["languages"], columns, query_lang, scored, summary_only)
-  if not statistics:
-    raise CompareError(f"no query of {dirs_a[0]} has a {metric} value in any setting (all NaN in "
-                       "per_query.npz); compare evaluations that scored at least one query")
-  clusters, unit_names = cluster_ids(base["query_uids"], query_lang, cluster)
-  per_run = np.stack([_contributions(v, statistics) for v in values])  # [R, K, Q]
+  statistics, per_run, clusters, unit_names = _per_query_contributions(
+      dirs_a + dirs_b, metric, cluster, summary_only)
   totals = per_run.sum(-1)  # [R, K]
   m = len(dirs_a)
   a_values, b_values = totals[:m].mean(0), totals[m:].mean(0)
@@ -466,6 +475,71 @@ def compare(dirs_a: str | Sequence[str], dirs_b: str | Sequence[str], metric: st
               float(hi), len(unit_names), method)
           for (name, kind, _), a, b, c, p, h, hb, lo, hi in
           zip(statistics, a_values, b_values, counts, pvalues, adjusted, bound, lows, highs)]
+
+
+@dataclasses.dataclass(frozen=True)
+class ContrastRow:
+  """One statistic of a contrast of seed means, sum_j c_j mean(group j)."""
+  name: str
+  value: float
+  group_means: tuple[float, ...]
+  p_value: float
+  p_floor: float
+  ci_low: float
+  ci_high: float
+  num_clusters: int
+  method: str
+
+
+def contrast(dir_groups: Sequence[Sequence[str]], coefficients: Sequence[float],
+             metric: str = "map", num_resamples: int = 10_000, seed: int = 0,
+             cluster: str = "question", summary_only: bool = True) -> list[ContrastRow]:
+  """sum_j c_j (seed mean of group j) for the three summaries (and every setting unless
+  summary_only), with contrast_bootstrap's 95% interval and p. Every directory is an evaluation
+  of the same collection, part and languages; a group is one strategy's seeds."""
+  groups = [list(g) for g in dir_groups]
+  if len(groups) != len(coefficients) or any(not g for g in groups):
+    raise CompareError(f"{len(groups)} groups of runs for {len(coefficients)} coefficients; "
+                       "give one non-empty group per coefficient")
+  if num_resamples < 1:
+    raise CompareError(f"num_resamples={num_resamples}; expected at least 1")
+  flat = [d for g in groups for d in g]
+  statistics, per_run, clusters, unit_names = _per_query_contributions(
+      flat, metric, cluster, summary_only)
+  by_cluster = sum_by_cluster(per_run, clusters, len(unit_names))  # [R, K, C]
+  bounds = np.cumsum([0] + [len(g) for g in groups])
+  parts = [by_cluster[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+  boot = contrast_bootstrap(parts, coefficients, num_resamples, seed)
+  means = [p.sum(-1).mean(0) for p in parts]  # [K] per group
+  method = (f"two-level bootstrap-t of the contrast {tuple(coefficients)} over groups of "
+            f"{[len(g) for g in groups]} runs and {len(unit_names)} {cluster} units, "
+            f"{num_resamples} resamples, seed {seed}")
+  return [ContrastRow(name, float(boot.diff[k]), tuple(float(m[k]) for m in means),
+                      float(boot.pvalues[k]), boot.floor, float(boot.ci_low[k]),
+                      float(boot.ci_high[k]), len(unit_names), method)
+          for k, (name, _, _) in enumerate(statistics)]
+
+
+def _per_query_contributions(dirs: Sequence[str], metric: str, cluster: str, summary_only: bool):
+  """(statistics, per-run contributions [R, K, Q], query clusters [Q], cluster names)."""
+  results, base, values = _load_runs(dirs, metric)
+  columns = [str(c) for c in base["setting_columns"]]
+  langs = columns[:-1]
+  if values[0].ndim == 1:  # rank distance: pool only
+    values = [np.concatenate([np.full((len(v), len(langs)), np.nan), v[:, None]], axis=1)
+              for v in values]
+  query_lang = np.array([str(x) for x in base["query_langs"]])
+  # A query enters a setting where every run scored it (the same queries for all runs of one
+  # collection: NaN marks a setting without a relevant candidate).
+  scored = np.all([~np.isnan(v) for v in values], axis=0)
+  values = [np.where(scored, v, 0.0).astype(np.float64) for v in values]
+  statistics = _statistics(results["languages"], columns, query_lang, scored, summary_only)
+  if not statistics:
+    raise CompareError(f"no query of {dirs[0]} has a {metric} value in any setting (all NaN in "
+                       "per_query.npz); compare evaluations that scored at least one query")
+  clusters, unit_names = cluster_ids(base["query_uids"], query_lang, cluster)
+  per_run = np.stack([_contributions(v, statistics) for v in values])  # [R, K, Q]
+  return statistics, per_run, clusters, unit_names
 
 
 def format_rows(rows: Sequence[Row], metric: str, label_a: str, label_b: str) -> str:

@@ -220,6 +220,54 @@ def test_seed_bootstrap_standard_error_matches_its_formula():
       fixed.se, np.sqrt(b.sum(-1).var(0, ddof=1) / 4 + 30 * d_c.var(-1, ddof=1)), rtol=1e-10)
 
 
+def test_contrast_of_four_groups_matches_its_formula_and_two_groups_equal_seed_bootstrap():
+  """A difference of differences over four independent groups of runs (question 2: is one
+  strategy's shift penalty smaller than another's?), and B - A as the contrast (-1, +1)."""
+  rng = np.random.default_rng(5)
+  groups = [rng.normal(mu, 1.0, size=(n, 2, 40)) for mu, n in ((0.0, 5), (0.3, 5), (0.1, 3),
+                                                               (0.2, 4))]
+  coefficients = (1.0, -1.0, -1.0, 1.0)
+  boot = significance.contrast_bootstrap(groups, coefficients, num_resamples=2000, seed=0)
+  means = [g.sum(-1).mean(0) for g in groups]  # [K] per group
+  np.testing.assert_allclose(boot.diff, sum(c * m for c, m in zip(coefficients, means)),
+                             rtol=1e-12)
+  d_c = sum(c * g.mean(0) for c, g in zip(coefficients, groups))  # [K, C]
+  se = np.sqrt(sum(g.sum(-1).var(0, ddof=1) / len(g) for g in groups)
+               + 40 * d_c.var(-1, ddof=1))
+  np.testing.assert_allclose(boot.se, se, rtol=1e-10)
+  assert np.all(boot.ci_low < boot.diff) and np.all(boot.diff < boot.ci_high)
+  a, b = groups[:2]
+  two = significance.contrast_bootstrap([a, b], [-1.0, 1.0], num_resamples=500, seed=3)
+  one = significance.seed_bootstrap(a, b, num_resamples=500, seed=3)
+  for field in ("diff", "se", "ci_low", "ci_high", "pvalues"):
+    np.testing.assert_array_equal(getattr(two, field), getattr(one, field))
+  with pytest.raises(significance.CompareError, match="one coefficient per group"):
+    significance.contrast_bootstrap(groups, coefficients[:3])
+
+
+def test_difference_of_shift_penalties_interval_covers_the_truth():
+  """300 simulated studies of question 2 on one pool: 4 groups of 3-5 seeds (strategy x trained
+  in-domain / shifted), true difference of the two penalties 0.01."""
+  rng = np.random.default_rng(21)
+  clusters = np.repeat(np.arange(QUESTIONS_SEED), LANGS_SEED)
+  truth, sims, covered = 0.01, 300, 0
+  for i in range(sims):
+    level = (rng.normal(0.5, 0.2, (QUESTIONS_SEED, 1))
+             + rng.normal(0, 0.1, (QUESTIONS_SEED, LANGS_SEED)))
+    effects = {"a_home": 0.05, "a_away": 0.0, "b_home": 0.05 + truth, "b_away": 0.0}
+    seeds = {"a_home": 5, "a_away": 5, "b_home": 3, "b_away": 4}
+    groups = [significance.sum_by_cluster(
+        simulated_strategy_runs(rng, level, seeds[k], effects[k]
+                                + rng.normal(0, 0.03, (QUESTIONS_SEED, 1)), 0.01),
+        clusters, QUESTIONS_SEED) for k in effects]
+    boot = significance.contrast_bootstrap(groups, (-1.0, 1.0, 1.0, -1.0), 499, seed=i)
+    covered += boot.ci_low[0] <= truth <= boot.ci_high[0]
+  low, high = binomial_interval(covered, sims)
+  print(f"difference of penalties: 95% interval covers the truth in {covered}/{sims} = "
+        f"{covered / sims:.3f} (99% CI {low:.3f}-{high:.3f})")
+  assert low <= 0.95 <= high
+
+
 # --- compare against exact enumeration ------------------------------------------------------------
 LANGS = ["en", "de"]
 COLUMNS = LANGS + ["all"]  # per-query setting axis: candidate languages, then the pool
@@ -480,6 +528,32 @@ def test_seed_aware_compare_reports_seed_means_interval_and_p(seed_runs, tmp_pat
   same = significance.compare(dirs["a"], copies[::-1], "map", 500, summary_only=True)
   assert all(abs(r.diff) < 1e-12 and r.p_value > 0.8 and r.ci_low < 0 < r.ci_high
              for r in same), same
+
+
+def test_contrast_of_run_groups_from_directories(seed_runs):
+  """significance.contrast: (-1, +1) over two groups is compare's seed-aware B - A; four groups
+  give the difference of differences of the seed means, from the per-query files."""
+  dirs, values = seed_runs
+  two = significance.contrast([dirs["a"], dirs["b"]], (-1.0, 1.0), "map", 2000, seed=4)
+  rows = {r.name: r for r in significance.compare(dirs["a"], dirs["b"], "map", 2000, seed=4,
+                                                  summary_only=True)}
+  assert [r.name for r in two] == ["monolingual", "cross_lingual", "multilingual"]
+  for r in two:
+    assert (r.value, r.ci_low, r.ci_high, r.p_value) == pytest.approx(
+        (rows[r.name].diff, rows[r.name].ci_low, rows[r.name].ci_high, rows[r.name].p_value),
+        abs=1e-12)
+  # (b0,b1 - a0,a1) - (b2 - a2): groups of 2, 2, 1 and 1 runs.
+  groups = [dirs["b"][:2], dirs["a"][:2], dirs["b"][2:], dirs["a"][2:]]
+  four = {r.name: r for r in significance.contrast(groups, (1.0, -1.0, -1.0, 1.0), "map", 1000)}
+  means = {side: [setting_means(v) for v in values[side]] for side in values}
+  for name, r in four.items():
+    expected = (np.mean([m[name] for m in means["b"][:2]]) - np.mean(
+        [m[name] for m in means["a"][:2]])) - (means["b"][2][name] - means["a"][2][name])
+    assert r.value == pytest.approx(expected, abs=1e-9)
+    assert r.ci_low < r.value < r.ci_high and "(1.0, -1.0, -1.0, 1.0)" in r.method
+    assert len(r.group_means) == 4
+  with pytest.raises(significance.CompareError, match="one non-empty group per coefficient"):
+    significance.contrast([dirs["a"], []], (-1.0, 1.0))
 
 
 def test_compare_errors_say_what_to_fix(seed_runs, tmp_path):

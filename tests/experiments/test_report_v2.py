@@ -21,6 +21,8 @@ ZERO_SHOT = os.path.join(REPO, "experiments", "results", "zeroshot", "mlqa-r-tes
 # Seed runs of direction A: every query's mAP scaled by these factors, so every family's macro
 # mAP scales by the same factor (the scores are linear in the per-query values).
 SCALES = {"xy": (0.90, 0.92, 0.91, 0.93, 0.89), "hybrid": (1.00, 0.99, 1.01, 1.00, 0.98)}
+# Direction B's seeds on the same pool (mlqa-r-test is shifted for them): 3 seeds each.
+SHIFTED_SCALES = {"xy": (0.85, 0.86, 0.84), "hybrid": (0.90, 0.91, 0.92)}
 
 
 def _scaled_copy(target, scale: float, summary_of) -> dict:
@@ -52,6 +54,13 @@ def test_report_v2_seed_means_and_seed_aware_comparisons(tmp_path):
       # The last checkpoint of X-Y is 2% better than its best one.
       _scaled_copy(run / "last" / "mlqa-r-test", scale * (1.02 if strategy == "xy" else 1.0),
                    macro)
+  # The pilots fixed B's budget (lowest mean validation loss at step 450), so B's seeds count.
+  budget = report_v2.study.decide_budget({s: {0: 3.0, 450: 1.0 + k / 10, 600: 1.2 + k / 10}
+                                          for k, s in enumerate(("mono", "xy", "hybrid"))})
+  (results / "B_budget.json").write_text(json.dumps(budget))
+  for strategy, scales in SHIFTED_SCALES.items():
+    for seed, scale in enumerate(scales):
+      _scaled_copy(results / f"B-{strategy}-seed{seed}" / "best" / "mlqa-r-test", scale, macro)
   text = open(report_v2.build(str(results), str(tmp_path / "RESULTS_v2.md")),
               encoding="utf-8").read()
 
@@ -62,7 +71,7 @@ def test_report_v2_seed_means_and_seed_aware_comparisons(tmp_path):
   assert re.search(rf"\| A: hybrid 0\.5 \| in-domain \| [^|]+ \| [^|]+ \| {re.escape(cell)} \|",
                    text), cell
   assert f"| zero-shot e5-small | - | {macro['monolingual']:.3f} |" in text
-  assert "| B: X-Y | shifted | - | - | - | - |" in text  # not run: dashes, no crash
+  assert "| B: X-X-mono | shifted | - | - | - | - |" in text  # not run: dashes, no crash
 
   # hybrid - X-Y on mlqa-r-test from per_query.npz: the difference of the seed means, exactly.
   expected = (np.mean(SCALES["hybrid"]) - np.mean(SCALES["xy"])) * multi
@@ -84,6 +93,13 @@ def test_report_v2_seed_means_and_seed_aware_comparisons(tmp_path):
   hybrid_row = next(l for l in text.splitlines() if l.startswith("| A | mlqa-r-test | hybrid"))
   cell = hybrid_row.split("|")[6]
   assert cell.startswith(" +0.000") and float(re.search(r"p=([\d.]+)", cell).group(1)) > 0.5
-  # 2 zero-shot scores and 2 per seed run; the zero-shot run still misses its 6 other scores.
-  assert "Status: 22 of " in text and "zeroshot" in text.split("Runs not finished")[1]
-  assert "B's step budget: not fixed yet" in text
+  # 2 zero-shot scores, 2 per A seed run, 1 per B seed run; zero-shot misses 6 other scores.
+  # Question 2 on mlqa-r-test: (hybrid A - hybrid B) - (X-Y A - X-Y B), four groups of seeds.
+  penalty = {s: np.mean(SCALES[s]) - np.mean(SHIFTED_SCALES[s]) for s in SCALES}
+  row = next(l for l in text.splitlines() if l.startswith("| mlqa-r-test | hybrid 0.5 vs X-Y |"))
+  value = float(row.split("|")[5].split()[0])
+  assert abs(value - (penalty["hybrid"] - penalty["xy"]) * multi) <= 5e-4, row
+  shift_row = next(l for l in text.splitlines() if l.startswith("| mlqa-r-test | X-Y | A - B |"))
+  assert abs(float(shift_row.split("|")[6].split()[0]) - penalty["xy"] * multi) <= 5e-4
+  assert "Status: 28 of " in text and "zeroshot" in text.split("Runs not finished")[1]
+  assert "B's step budget: **450 steps**" in text and "450: 1.1000" in text
