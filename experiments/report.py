@@ -477,9 +477,18 @@ def build(results_dir: str = study.RESULTS_DIR, output: str = OUTPUT) -> str:
   lines += ["## The paper's numbers, for context (XLM-R / LaBSE fine-tuned on mMARCO, batch 100)",
             ""]
   lines += paper_section()
-  if os.path.isfile(reading_path):
-    with open(reading_path, encoding="utf-8") as f:
-      lines += [f.read().rstrip(), ""]
+  return write(lines + hand_written(reading_path), output, results)
+
+
+def hand_written(path: str) -> list[str]:
+  """The lines of an edited part of the report (intro, reading), or none if it is missing."""
+  if not os.path.isfile(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [f.read().rstrip(), ""]
+
+
+def write(lines: list[str], output: str, results: dict) -> str:
   os.makedirs(os.path.dirname(output), exist_ok=True)
   with open(output, "w", encoding="utf-8") as f:
     f.write("\n".join(lines))
