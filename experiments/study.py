@@ -366,17 +366,19 @@ class RunV2(Run):
 
 
 def runs_v2(b_steps: int | None) -> list[RunV2]:
-  """Every v2 job in the order they run: B pilots, A seeds, B seeds (once b_steps is fixed),
-  the alpha runs, zero-shot. Seeds outermost, so a partial study has balanced strategies."""
+  """Every v2 job in the order they run: B pilots, A's seed 0, zero-shot (the headline's
+  baseline and centring rows, early), A's other seeds, B seeds (once b_steps is fixed), the alpha
+  runs. Seeds outermost, so a partial study has balanced strategies."""
   strategies = study_config.STRATEGIES
   runs = [RunV2(f"B-pilot-{s}", "B", s, family="pilot", steps=PILOT_STEPS) for s in strategies]
-  runs += [RunV2(f"A-{s}-seed{seed}", "A", s, seed=seed) for seed in SEEDS_V2 for s in strategies]
+  a_seeds = [RunV2(f"A-{s}-seed{seed}", "A", s, seed=seed) for seed in SEEDS_V2
+             for s in strategies]
+  runs += a_seeds[:len(strategies)] + [RunV2("zeroshot", "")] + a_seeds[len(strategies):]
   if b_steps:
     runs += [RunV2(f"B-{s}-seed{seed}", "B", s, seed=seed, steps=b_steps)
              for seed in SEEDS_V2 for s in strategies]
-  runs += [RunV2(f"A-hybrid-alpha{a}-seed{seed}", "A", "hybrid", alpha=a, seed=seed,
-                 family="alpha") for seed in ALPHA_SEEDS_V2 for a in (0.25, 0.75)]
-  return runs + [RunV2("zeroshot", "")]
+  return runs + [RunV2(f"A-hybrid-alpha{a}-seed{seed}", "A", "hybrid", alpha=a, seed=seed,
+                       family="alpha") for seed in ALPHA_SEEDS_V2 for a in (0.25, 0.75)]
 
 
 def decide_budget(curves: dict[str, dict[int, float]]) -> dict:
