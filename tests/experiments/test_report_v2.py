@@ -15,6 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, os.path.join(REPO, "experiments"))
 
 import report_v2  # pylint: disable=g-import-not-at-top,wrong-import-position
+import study  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # The committed zero-shot scores of the held-out MLQA-R part (protocol v1, the same pool).
 ZERO_SHOT = os.path.join(REPO, "experiments", "results", "zeroshot", "mlqa-r-test")
@@ -55,8 +56,8 @@ def test_report_v2_seed_means_and_seed_aware_comparisons(tmp_path):
       _scaled_copy(run / "last" / "mlqa-r-test", scale * (1.02 if strategy == "xy" else 1.0),
                    macro)
   # The pilots fixed B's budget (lowest mean validation loss at step 450), so B's seeds count.
-  budget = report_v2.study.decide_budget({s: {0: 3.0, 450: 1.0 + k / 10, 600: 1.2 + k / 10}
-                                          for k, s in enumerate(("mono", "xy", "hybrid"))})
+  budget = study.decide_budget({s: {0: 3.0, 450: 1.0 + k / 10, 600: 1.2 + k / 10}
+                                for k, s in enumerate(("mono", "xy", "hybrid"))})
   (results / "B_budget.json").write_text(json.dumps(budget))
   for strategy, scales in SHIFTED_SCALES.items():
     for seed, scale in enumerate(scales):
