@@ -116,9 +116,11 @@ def comparison(results_dir: str, runs_a: list[str], runs_b: list[str], evaluatio
 
 
 def contrast_rows(results_dir: str, groups: list[tuple[list[str], str]],
-                  coefficients: tuple[float, ...], metric: str = "map") -> dict | None:
+                  coefficients: tuple[float, ...], metric: str = "map",
+                  languages: dict[str, list[str]] | None = None) -> dict | None:
   """{family: row dict} of sum_j c_j (seed mean of group j) over the runs that have the group's
-  evaluation (hybrid_jax.eval.significance.contrast), or None while a group has none.
+  evaluation (hybrid_jax.eval.significance.contrast), or None while a group has none. With
+  `languages` ({name: languages}) also "<name>/<family>" rows, the grid's language groups.
 
   Cached under comparisons/ by the directories and coefficients; a cache older than any of its
   per_query.npz files is recomputed."""
@@ -130,7 +132,7 @@ def contrast_rows(results_dir: str, groups: list[tuple[list[str], str]],
   if not all(dir_groups):
     return None
   key = json.dumps([[os.path.relpath(d, results_dir) for d in dirs] for dirs in dir_groups]
-                   + [list(coefficients), metric])
+                   + [list(coefficients), metric] + ([languages] if languages else []))
   cache = os.path.join(results_dir, COMPARISONS,
                        f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json")
   newest = max(os.path.getmtime(os.path.join(d, "per_query.npz"))
@@ -138,7 +140,7 @@ def contrast_rows(results_dir: str, groups: list[tuple[list[str], str]],
   if os.path.isfile(cache) and os.path.getmtime(cache) >= newest:
     with open(cache, encoding="utf-8") as f:
       return json.load(f)["rows"]
-  rows = significance.contrast(dir_groups, coefficients, metric, RESAMPLES, 0)
+  rows = significance.contrast(dir_groups, coefficients, metric, RESAMPLES, 0, groups=languages)
   out = {r.name: dict(diff=r.value, p=r.p_value, p_floor=r.p_floor, lo=r.ci_low, hi=r.ci_high,
                       means=list(r.group_means), runs=[len(d) for d in dir_groups],
                       method=r.method) for r in rows}
@@ -270,6 +272,56 @@ def penalty_differences(results_dir: str) -> list[str]:
                        "mAP multi"], rows)
 
 
+def language_groups(dataset: str, direction: str) -> dict[str, list[str]]:
+  """The study's groups on a full grid: low-resource languages and, where the direction's
+  training collection lacks some, the unseen ones (as the study passes --groups)."""
+  groups = {"low_resource": list(study.LOW_RESOURCE[dataset])}
+  unseen = study.unseen_languages(dataset, study_config.TRAINING_DATASETS[direction])
+  if unseen:
+    groups["unseen"] = list(unseen)
+  return groups
+
+
+def question_one(results_dir: str, results: dict) -> list[str]:
+  """Low-resource and unseen query languages on each direction's shifted full grid: the
+  strategies' group averages (seed mean ± sd) and the seed-aware differences between them."""
+  lines = []
+  for direction in ("A", "B"):
+    grid = next(e for e in study.FULL_GRIDS
+                if e.dataset != study_config.TRAINING_DATASETS[direction])
+    groups = language_groups(grid.dataset, direction)
+    evaluation = evaluation_name(grid.name)
+    header = ["model"] + [f"{g} {m}" for g in groups for m in ("mAP cross", "mAP multi", "RD")]
+    rows = []
+    for label, runs, name in ([("zero-shot e5-small", ["zeroshot"], grid.name)]
+                              + [(NAMES[s], seed_names(direction, s), evaluation)
+                                 for s in study_config.STRATEGIES]):
+      row = [label]
+      for g in groups:
+        row += [mean_sd(values(results, runs, name, "cross_lingual", f"{g}/map")),
+                mean_sd(values(results, runs, name, "multilingual", f"{g}/map")),
+                mean_sd(values(results, runs, name, "multilingual", f"{g}/rank_distance"), 1)]
+      rows.append(row)
+    lines += [f"**{direction} on {grid.name}** (best checkpoints; "
+              + "; ".join(f"{g}: {', '.join(m)}" for g, m in groups.items()) + ")", ""]
+    lines += report.table(header, rows)
+    found, labels = [], []
+    for a, b in PAIRS:
+      rows_ab = contrast_rows(results_dir, [(seed_names(direction, a), evaluation),
+                                            (seed_names(direction, b), evaluation)], (-1.0, 1.0),
+                              languages=groups)
+      labels.append(f"{NAMES[b]} - {NAMES[a]}")
+      found.append([rows_ab.get(f"{g}/{f}") if rows_ab else None
+                    for g in groups for f in ("cross_lingual", "multilingual")])
+    cells = holm_cells([c for row in found for c in row])
+    width = 2 * len(groups)
+    lines += report.table(["difference"] + [f"{g} mAP {SHORT[f]}" for g in groups
+                                            for f in ("cross_lingual", "multilingual")],
+                          [[label] + cells[k * width:(k + 1) * width]
+                           for k, label in enumerate(labels)])
+  return lines
+
+
 def best_vs_last(results_dir: str, results: dict) -> list[str]:
   """Last minus best checkpoint (seed means) per direction, pool and strategy: the report's
   primary numbers are the best checkpoints; this is where the choice matters."""
@@ -366,6 +418,11 @@ def build(results_dir: str = study.RESULTS_DIR_V2, output: str = OUTPUT) -> str:
             "distance: over its own column). \"zero-shot + centring\" is one fixed model. Pairs "
             "not in this table were not tested.", ""]
   lines += strategy_comparisons(results_dir, results)
+  lines += ["## Question 1: low-resource and unseen languages (the shifted full grids)", "",
+            "Group averages as the evaluator computes them (X->Y counts when X or Y is in the "
+            "group, X->all when X is); differences seed-aware as above, Holm over each "
+            "direction's table.", ""]
+  lines += question_one(results_dir, results)
   lines += ["## Question 2: the shift penalty on one pool", "",
             "Each pool scored by the model trained on its own collection (in-domain) and by the "
             "model trained on the other one (shifted): the same queries and candidates on both "

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -395,8 +395,10 @@ def _load_runs(dirs: Sequence[str], metric: str):
   return first, base, values
 
 
-def _statistics(languages, columns, query_lang, scored, summary_only):
-  """(name, kind, [(column, query mask, weight scale)]) of the three summaries and every setting.
+def _statistics(languages, columns, query_lang, scored, summary_only, groups=None):
+  """(name, kind, [(column, query mask, weight scale)]) of the three summaries, each language
+  group's three ("<group>/multilingual", ...: hybrid_jax/eval/grid.py's membership rules) and
+  every setting.
 
   A setting weighs its queries 1/n; a macro average weighs each member setting 1/num_members on
   top."""
@@ -406,13 +408,22 @@ def _statistics(languages, columns, query_lang, scored, summary_only):
       rows = (query_lang == x) & scored[:, j]
       if rows.any():
         settings.append((f"{x}->{y}", x, j, rows))
-  groups = {
+  families_of = {
       "monolingual": [s for s in settings if columns[s[2]] == s[1]],
       "cross_lingual": [s for s in settings if columns[s[2]] not in (s[1], grid_lib.POOL)],
       "multilingual": [s for s in settings if columns[s[2]] == grid_lib.POOL],
   }
+  summaries = list(families_of.items())
+  for group, langs_in in (groups or {}).items():  # as grid.py: X->Y counts if X or Y is in it
+    families = {
+        "monolingual": [s for s in families_of["monolingual"] if s[1] in langs_in],
+        "cross_lingual": [s for s in families_of["cross_lingual"]
+                          if s[1] in langs_in or columns[s[2]] in langs_in],
+        "multilingual": [s for s in families_of["multilingual"] if s[1] in langs_in],
+    }
+    summaries += [(f"{group}/{f}", members) for f, members in families.items()]
   statistics = [(g, "summary", [(m, 1.0 / len(members)) for m in members])
-                for g, members in groups.items() if members]
+                for g, members in summaries if members]
   if not summary_only:
     statistics += [(s[0], "setting", [(s, 1.0)]) for s in settings]
   return statistics
@@ -429,8 +440,11 @@ def _contributions(values: np.ndarray, statistics) -> np.ndarray:
 
 def compare(dirs_a: str | Sequence[str], dirs_b: str | Sequence[str], metric: str = "map",
             num_permutations: int = 10_000, seed: int = 0, cluster: str = "question",
-            summary_only: bool = False) -> list[Row]:
-  """B - A of `metric` for the three summaries and (unless summary_only) every setting.
+            summary_only: bool = False,
+            groups: Mapping[str, Sequence[str]] | None = None) -> list[Row]:
+  """B - A of `metric` for the three summaries, each group's three (`groups`: {name: query /
+  candidate languages}, e.g. {"unseen": ["el", "ru", "th", "tr"]}) and (unless summary_only)
+  every setting.
 
   One directory per side: the paired sign-flip test over `cluster` units. Several per side (one
   evaluation directory per training seed): the seed-aware two-level bootstrap-t, with
@@ -450,7 +464,7 @@ def compare(dirs_a: str | Sequence[str], dirs_b: str | Sequence[str], metric: st
     raise CompareError(f"num_permutations={num_permutations}; expected at least 1 (10,000 is "
                        "the default)")
   statistics, per_run, clusters, unit_names = _per_query_contributions(
-      dirs_a + dirs_b, metric, cluster, summary_only)
+      dirs_a + dirs_b, metric, cluster, summary_only, groups)
   totals = per_run.sum(-1)  # [R, K]
   m = len(dirs_a)
   a_values, b_values = totals[:m].mean(0), totals[m:].mean(0)
@@ -493,26 +507,28 @@ class ContrastRow:
 
 def contrast(dir_groups: Sequence[Sequence[str]], coefficients: Sequence[float],
              metric: str = "map", num_resamples: int = 10_000, seed: int = 0,
-             cluster: str = "question", summary_only: bool = True) -> list[ContrastRow]:
-  """sum_j c_j (seed mean of group j) for the three summaries (and every setting unless
-  summary_only), with contrast_bootstrap's 95% interval and p. Every directory is an evaluation
-  of the same collection, part and languages; a group is one strategy's seeds."""
-  groups = [list(g) for g in dir_groups]
-  if len(groups) != len(coefficients) or any(not g for g in groups):
-    raise CompareError(f"{len(groups)} groups of runs for {len(coefficients)} coefficients; "
+             cluster: str = "question", summary_only: bool = True,
+             groups: Mapping[str, Sequence[str]] | None = None) -> list[ContrastRow]:
+  """sum_j c_j (seed mean of group j) for the three summaries, each language group's three (as
+  compare) and every setting unless summary_only, with contrast_bootstrap's 95% interval and p.
+  Every directory is an evaluation of the same collection, part and languages; a group of runs
+  is one strategy's seeds."""
+  run_groups = [list(g) for g in dir_groups]
+  if len(run_groups) != len(coefficients) or any(not g for g in run_groups):
+    raise CompareError(f"{len(run_groups)} groups of runs for {len(coefficients)} coefficients; "
                        "give one non-empty group per coefficient")
   if num_resamples < 1:
     raise CompareError(f"num_resamples={num_resamples}; expected at least 1")
-  flat = [d for g in groups for d in g]
+  flat = [d for g in run_groups for d in g]
   statistics, per_run, clusters, unit_names = _per_query_contributions(
-      flat, metric, cluster, summary_only)
+      flat, metric, cluster, summary_only, groups)
   by_cluster = sum_by_cluster(per_run, clusters, len(unit_names))  # [R, K, C]
-  bounds = np.cumsum([0] + [len(g) for g in groups])
+  bounds = np.cumsum([0] + [len(g) for g in run_groups])
   parts = [by_cluster[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
   boot = contrast_bootstrap(parts, coefficients, num_resamples, seed)
   means = [p.sum(-1).mean(0) for p in parts]  # [K] per group
   method = (f"two-level bootstrap-t of the contrast {tuple(coefficients)} over groups of "
-            f"{[len(g) for g in groups]} runs and {len(unit_names)} {cluster} units, "
+            f"{[len(g) for g in run_groups]} runs and {len(unit_names)} {cluster} units, "
             f"{num_resamples} resamples, seed {seed}")
   return [ContrastRow(name, float(boot.diff[k]), tuple(float(m[k]) for m in means),
                       float(boot.pvalues[k]), boot.floor, float(boot.ci_low[k]),
@@ -520,7 +536,8 @@ def contrast(dir_groups: Sequence[Sequence[str]], coefficients: Sequence[float],
           for k, (name, _, _) in enumerate(statistics)]
 
 
-def _per_query_contributions(dirs: Sequence[str], metric: str, cluster: str, summary_only: bool):
+def _per_query_contributions(dirs: Sequence[str], metric: str, cluster: str, summary_only: bool,
+                             groups: Mapping[str, Sequence[str]] | None = None):
   """(statistics, per-run contributions [R, K, Q], query clusters [Q], cluster names)."""
   results, base, values = _load_runs(dirs, metric)
   columns = [str(c) for c in base["setting_columns"]]
@@ -533,7 +550,8 @@ def _per_query_contributions(dirs: Sequence[str], metric: str, cluster: str, sum
   # collection: NaN marks a setting without a relevant candidate).
   scored = np.all([~np.isnan(v) for v in values], axis=0)
   values = [np.where(scored, v, 0.0).astype(np.float64) for v in values]
-  statistics = _statistics(results["languages"], columns, query_lang, scored, summary_only)
+  statistics = _statistics(results["languages"], columns, query_lang, scored, summary_only,
+                           groups)
   if not statistics:
     raise CompareError(f"no query of {dirs[0]} has a {metric} value in any setting (all NaN in "
                        "per_query.npz); compare evaluations that scored at least one query")

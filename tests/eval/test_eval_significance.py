@@ -556,6 +556,25 @@ def test_contrast_of_run_groups_from_directories(seed_runs):
     significance.contrast([dirs["a"], []], (-1.0, 1.0))
 
 
+def test_language_group_statistics_follow_the_grid_definitions(seed_runs):
+  """groups={"g": ["de"]}: g/monolingual = de->de, g/cross_lingual = mean(en->de, de->en) (X or Y
+  in the group), g/multilingual = de->all, as hybrid_jax/eval/grid.py averages groups."""
+  dirs, values = seed_runs
+  rows = {r.name: r for r in significance.compare(dirs["a"], dirs["b"], "map", 500,
+                                                  summary_only=True, groups={"g": ["de"]})}
+  assert list(rows) == ["monolingual", "cross_lingual", "multilingual", "g/monolingual",
+                        "g/cross_lingual", "g/multilingual"]
+  for side, attr in (("a", "a"), ("b", "b")):
+    means = [setting_means(v) for v in values[side]]
+    for name, settings in (("g/monolingual", ["de->de"]), ("g/cross_lingual", ["en->de", "de->en"]),
+                           ("g/multilingual", ["de->all"])):
+      expected = np.mean([np.mean([m[k] for k in settings]) for m in means])
+      assert getattr(rows[name], attr) == pytest.approx(expected, abs=1e-9), (name, side)
+  four = {r.name: r for r in significance.contrast([dirs["a"], dirs["b"]], (-1.0, 1.0), "map",
+                                                   500, groups={"g": ["de"]})}
+  assert four["g/multilingual"].value == pytest.approx(rows["g/multilingual"].diff, abs=1e-12)
+
+
 def test_compare_errors_say_what_to_fix(seed_runs, tmp_path):
   dirs, _ = seed_runs
   with pytest.raises(significance.CompareError, match="more than once"):
