@@ -35,6 +35,7 @@ from absl import app
 from absl import flags
 
 from hybrid_jax import errors
+from hybrid_jax.eval import runner
 from hybrid_jax.eval import significance
 
 _METRIC = flags.DEFINE_enum(
@@ -52,6 +53,9 @@ _CLUSTER = flags.DEFINE_enum(
 _SUMMARY_ONLY = flags.DEFINE_bool(
     "summary_only", False, "Print (and Holm-adjust over) only the three summaries.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", "", "Also write the rows to this JSON file.")
+_GROUPS = flags.DEFINE_string(
+    "groups", "", "Language groups to compare too, as evaluate's --groups: "
+    "NAME=lang+lang;NAME2=... (e.g. unseen=el+ru+th+tr): rows <group>/monolingual, ...")
 _CONTRAST = flags.DEFINE_list(
     "contrast", [], "Coefficients c1,c2,... of a contrast of seed means, one per group of runs "
     "given as arguments (e.g. 1,-1,-1,1 for a difference of differences).")
@@ -61,7 +65,7 @@ def _runs(arg: str) -> list[str]:
   return [d for d in (part.strip() for part in arg.split(",")) if d]
 
 
-def _contrast_main(groups: list[list[str]]) -> None:
+def _contrast_main(groups: list[list[str]], languages: dict) -> None:
   try:
     coefficients = [float(c) for c in _CONTRAST.value]
   except ValueError:
@@ -73,7 +77,7 @@ def _contrast_main(groups: list[list[str]]) -> None:
                          "directories) per coefficient")
   rows = errors.exit_on_user_error(lambda: significance.contrast(
       groups, coefficients, _METRIC.value, _PERMUTATIONS.value, _SEED.value, _CLUSTER.value,
-      summary_only=_SUMMARY_ONLY.value))
+      summary_only=_SUMMARY_ONLY.value, groups=languages))
   at_floor = [r.p_floor > 0 and r.p_value <= r.p_floor * (1 + 1e-9) for r in rows]
   holm, bound = significance.holm_with_bounds([r.p_value for r in rows], at_floor)
   digits = 1 if _METRIC.value == "rank_distance" else 4
@@ -92,8 +96,9 @@ def _contrast_main(groups: list[list[str]]) -> None:
 
 
 def main(argv):
+  languages = errors.exit_on_user_error(lambda: runner.parse_groups(_GROUPS.value))
   if _CONTRAST.value:
-    _contrast_main([_runs(arg) for arg in argv[1:]])
+    _contrast_main([_runs(arg) for arg in argv[1:]], languages)
     return
   if len(argv) != 3:
     raise app.UsageError("usage: python -m hybrid_jax.compare RUN_A RUN_B [--metric=map], or "
@@ -101,7 +106,7 @@ def main(argv):
   dirs_a, dirs_b = _runs(argv[1]), _runs(argv[2])
   rows = errors.exit_on_user_error(lambda: significance.compare(
       dirs_a, dirs_b, _METRIC.value, _PERMUTATIONS.value, _SEED.value, _CLUSTER.value,
-      summary_only=_SUMMARY_ONLY.value))
+      summary_only=_SUMMARY_ONLY.value, groups=languages))
   print(significance.format_rows(rows, _METRIC.value, ",".join(dirs_a), ",".join(dirs_b)))
   seed_aware = len(dirs_a) > 1 or len(dirs_b) > 1
   question = ("is strategy B better than A, over training seeds and questions? A and B are seed "

@@ -613,14 +613,18 @@ def test_compare_cli_takes_several_runs_per_side(seed_runs, two_runs, tmp_path):
   assert "is checkpoint B better than checkpoint A on these questions" in result.stdout
   # A contrast of three groups: (b - a) - (a - a) = b - a, with its interval.
   result = _compare_cli("--contrast=1,-1,-1,1", ",".join(dirs["b"]), ",".join(dirs["a"]),
-                        dirs["a"][0], dirs["a"][0], "--summary_only", "--permutations=500")
+                        dirs["a"][0], dirs["a"][0], "--summary_only", "--permutations=500",
+                        "--groups=g=de")
   assert result.returncode == 0, result.stderr
+  assert any(l.startswith("g/multilingual") for l in result.stdout.splitlines()), result.stdout
   multi = next(l for l in result.stdout.splitlines() if l.startswith("multilingual"))
   assert float(multi.split()[1]) == pytest.approx(
       next(r for r in rows if r["name"] == "multilingual")["diff"], abs=1e-4), multi
-  assert "contrast +1 -1 -1 +1" in result.stdout and "adjusts over the 3 tests" in result.stdout
+  assert "contrast +1 -1 -1 +1" in result.stdout and "adjusts over the 6 tests" in result.stdout
   result = _compare_cli("--contrast=1,-1", dirs["a"][0], dirs["b"][0], dirs["b"][1])
   assert result.returncode != 0 and "2 coefficients but 3 groups" in result.stderr
+  result = _compare_cli(dirs["a"][0], dirs["b"][0], "--groups=unseen")
+  assert result.returncode == 2 and "expected NAME=lang+lang" in result.stderr
   dir_a, dir_b = two_runs[:2]
   result = _compare_cli(dir_a, dir_b, "--cluster=article")
   assert result.returncode != 0 and "question" in result.stderr
