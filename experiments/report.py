@@ -111,7 +111,7 @@ def significance_rows(results_dir: str, base: str, other: str, evaluation: str,
 
 
 # --- plots --------------------------------------------------------------------------------------
-def _pyplot():
+def pyplot():
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -134,7 +134,7 @@ def plot_alpha(results: dict, path: str) -> bool:
   evals = [e.name for e in study.direction_evals("A")]
   if not any(len(alpha_points(results, e, "multilingual")) >= 2 for e in evals):
     return False
-  plt = _pyplot()
+  plt = pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
   for ax, evaluation in zip(axes, evals):
     for family in FAMILIES:
@@ -161,7 +161,7 @@ def plot_strategies(results: dict, path: str) -> bool:
   rows = [(d, e.name) for d in ("A", "B") for e in study.direction_evals(d)]
   if not any(value(results, f"{d}-hybrid", e, "multilingual", "map") is not None for d, e in rows):
     return False
-  plt = _pyplot()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(10, 3.8))
   strategies = ("", "mono", "xy", "hybrid")
   width = 0.2
@@ -207,7 +207,7 @@ def plot_seeds(results: dict, path: str) -> bool:
   if not any(sum(value(results, n, e, "multilingual", "map") is not None
                  for n in seed_runs(s)) >= 2 for e in evals for s in strategies):
     return False
-  plt = _pyplot()
+  plt = pyplot()
   fig, axes = plt.subplots(len(evals), len(FAMILIES), figsize=(11, 3.2 * len(evals)),
                            squeeze=False)
   for row, evaluation in enumerate(evals):

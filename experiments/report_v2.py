@@ -202,6 +202,54 @@ def headline(results: dict) -> list[str]:
   return lines
 
 
+def plot_headline(results: dict, path: str) -> bool:
+  """Per held-out pool: multilingual mAP and rank distance of every direction x strategy (seed
+  mean, sd whiskers, dots = seeds), plain and centred, with zero-shot (plain, centred) as lines."""
+  cells = [(pool, d, s) for pool in POOLS for d in ("A", "B") for s in study_config.STRATEGIES]
+  if not any(values(results, seed_names(d, s), evaluation_name(pool), "multilingual", "map")
+             for pool, d, s in cells):
+    return False
+  plt = report.pyplot()
+  metrics = (("map", "multilingual mAP (X->all)"), ("rank_distance", "rank distance (lower: "
+                                                                     "less language bias)"))
+  fig, axes = plt.subplots(len(metrics), len(POOLS), figsize=(12, 7), squeeze=False)
+  for col, pool in enumerate(POOLS):
+    directions = sorted(("A", "B"), key=lambda d: TRAINED_ON[d] != pool)
+    for row, (metric, label) in enumerate(metrics):
+      ax = axes[row][col]
+      ticks = []
+      for k, (d, s) in enumerate((d, s) for d in directions for s in study_config.STRATEGIES):
+        ticks.append(f"{d}: {NAMES[s]}\n({'in-domain' if TRAINED_ON[d] == pool else 'shifted'})")
+        for offset, centered, style in ((-0.18, False, {}), (0.18, True, {"hatch": "//",
+                                                                           "alpha": 0.5})):
+          xs = values(results, seed_names(d, s), evaluation_name(pool, centered=centered),
+                      "multilingual", metric)
+          if not xs:
+            continue
+          mean = sum(xs) / len(xs)
+          sd = report.mean_and_sd(xs)[1] if len(xs) > 1 else 0.0
+          ax.bar(k + offset, mean, 0.34, yerr=sd, capsize=3, color=f"C{k % 3}", **style)
+          ax.plot([k + offset] * len(xs), xs, "k.", ms=3)
+      for centered, ls in ((False, "--"), (True, ":")):
+        zero = values(results, ["zeroshot"], evaluation_name(pool, centered=centered,
+                                                               zero_shot=True), "multilingual",
+                      metric)
+        if zero:
+          ax.axhline(zero[0], color="gray", ls=ls, lw=1,
+                     label="zero-shot" + (" + centring" if centered else ""))
+      ax.set_xticks(range(len(ticks)))
+      ax.set_xticklabels(ticks, fontsize=7)
+      ax.set_ylabel(label, fontsize=8)
+      ax.set_title(f"{pool}: solid = best checkpoint, hatched = + centring", fontsize=9)
+      ax.grid(axis="y", alpha=0.3)
+      if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
+
+
 PAIRS = (("xy", "hybrid"), ("mono", "hybrid"), ("xy", "mono"))
 
 
@@ -410,6 +458,9 @@ def build(results_dir: str = study.RESULTS_DIR_V2, output: str = OUTPUT) -> str:
   lines += budget_lines(results_dir)
   lines += ["## Headline: every model on both held-out pools, with the centring baseline", ""]
   lines += headline(results)
+  os.makedirs(os.path.join(results_dir, PLOTS), exist_ok=True)
+  if plot_headline(results, os.path.join(results_dir, PLOTS, "headline.png")):
+    lines += [f"![headline](../experiments/results_v2/{PLOTS}/headline.png)", ""]
   lines += ["## Strategy comparisons (seed-aware)", "",
             f"Difference of the seed means (best checkpoints), its 95% two-level bootstrap-t interval "
             f"over seeds and question clusters ({RESAMPLES:,} resamples, seed 0; "

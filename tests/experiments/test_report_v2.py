@@ -93,6 +93,7 @@ def test_report_v2_seed_means_and_seed_aware_comparisons(tmp_path):
   holm = float(re.search(r"Holm <?=?([\d.]+)", multi_cell).group(1))
   assert holm < 0.05, multi_cell
   assert os.listdir(results / report_v2.COMPARISONS)  # cached
+  assert os.path.isfile(results / "plots" / "headline.png") and "![headline]" in text
 
   # Best vs last: X-Y's last checkpoint is 2% above its best; hybrid's equal (a run against
   # itself: difference 0, p 1).
