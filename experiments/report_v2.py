@@ -388,7 +388,7 @@ def best_vs_last(results_dir: str, results: dict) -> list[str]:
 
 def disagreements(results: dict) -> list[str]:
   """Strategy orderings (by seed-mean mAP multi) that differ between best and last."""
-  out = []
+  out, compared = [], 0
   for d in ("A", "B"):
     for pool in POOLS:
       order = {}
@@ -401,11 +401,15 @@ def disagreements(results: dict) -> list[str]:
             means[s] = sum(xs) / len(xs)
         if len(means) == len(study_config.STRATEGIES):
           order[step] = sorted(means, key=lambda s: -means[s])
+      compared += len(order) == 2
       if len(order) == 2 and order["best"] != order["last"]:
         out.append(f"- {d} on {pool}: best " + " > ".join(NAMES[s] for s in order["best"])
                    + "; last " + " > ".join(NAMES[s] for s in order["last"]))
-  return (out or ["- none: every direction and pool orders the strategies the same at both "
-                  "checkpoints (where all three have scores)"]) + [""]
+  if not compared:
+    return ["- not known yet: no direction and pool has all three strategies scored at both "
+            "checkpoints", ""]
+  return (out or [f"- none: the {compared} direction x pool cases with all three strategies "
+                  "scored order them the same at both checkpoints"]) + [""]
 
 
 def alpha_section(results: dict) -> list[str]:
