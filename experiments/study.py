@@ -520,13 +520,14 @@ class StudyV2(Study):
   def collect(self, run: Run, evaluation: Evaluation) -> None:
     super().collect(run, evaluation)
     target = self.result_dir(run, evaluation)
-    meta_path = os.path.join(target, "results_meta.json")
-    if os.path.isfile(meta_path):  # commands name the work root as a variable, not this machine
-      with open(meta_path, encoding="utf-8") as f:
-        text = f.read()
-      text = text.replace(self.workroot, ROOT_VARIABLE).replace(self.python, "python")
-      with open(meta_path, "w", encoding="utf-8") as f:
-        f.write(text)
+    for name in ("results_meta.json", "results.md"):  # commands and sources name the work root
+      path = os.path.join(target, name)                # as a variable, not this machine's path
+      if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+          text = f.read()
+        text = text.replace(self.workroot, ROOT_VARIABLE).replace(self.python, "python")
+        with open(path, "w", encoding="utf-8") as f:
+          f.write(text)
     if not run.zero_shot:
       with open(os.path.join(self.results_dir, run.name, "checkpoints.json"), "w",
                 encoding="utf-8") as f:

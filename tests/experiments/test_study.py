@@ -242,7 +242,10 @@ def test_v2_runner_fixes_the_budget_copies_last_when_best_and_names_the_root(tmp
   (out / "results.json").write_text("{}")
   (out / "results_meta.json").write_text(json.dumps(
       {"command": " ".join(s.evaluate_command(run, best))}))
+  (out / "results.md").write_text(f"Source: workdir {root / 'protocol2' / run.name} step 150\n")
   s.collect(run, best)
+  assert (tmp_path / "results" / run.name / best.name / "results.md").read_text() == (
+      f"Source: workdir $STUDY_ROOT/{run.name} step 150\n")
   meta = json.loads((tmp_path / "results" / run.name / best.name / "results_meta.json").read_text())
   assert meta["command"].startswith("python -m hybrid_jax.evaluate --workdir=$STUDY_ROOT/" +
                                     run.name + " --step=best")
