@@ -226,11 +226,17 @@ class Study:
         total += left * per_step + validations * 16 * per_step / 3 + (60 if left else 0)
       for evaluation in run.evaluations():
         if not self.evaluation_done(run, evaluation):
-          if evaluation.centered:  # re-scores exported embeddings: seconds
-            total += 30
+          if evaluation.centered or self.reuses_embeddings(run, evaluation):
+            total += 30  # re-scores exported embeddings: seconds
             continue
           total += EVAL_TEXTS[evaluation.name.split("/")[-1]] / TEXTS_PER_SECOND + 30
     return total
+
+  def reuses_embeddings(self, run: Run, evaluation: Evaluation) -> bool:
+    """Whether the evaluation re-scores another one's exported embeddings (v2) instead of
+    encoding."""
+    del run, evaluation
+    return False
 
   # --- running ---
   def collect(self, run: Run, evaluation: Evaluation) -> None:
@@ -347,7 +353,8 @@ def evaluations_v2(direction: str) -> tuple[Evaluation, ...]:
   best and at the last checkpoint (names "best/mlqa-r-test", ...), then the best checkpoint's
   centred scores."""
   trained = study_config.TRAINING_DATASETS[direction]
-  chosen = HELDOUT_PARTS + tuple(e for e in FULL_GRIDS if e.dataset != trained)
+  # The full grid first: the held-out part of its collection is scored from its embeddings.
+  chosen = tuple(e for e in FULL_GRIDS if e.dataset != trained) + HELDOUT_PARTS
   plain = tuple(dataclasses.replace(e, name=f"{step}/{e.name}", step=step)
                 for step in CHECKPOINTS for e in chosen)
   return plain + centered(e for e in plain if e.step == "best")
@@ -455,25 +462,59 @@ class StudyV2(Study):
             "last": max(steps["checkpoints"], default=None)}
 
   def evaluate_command(self, run: Run, evaluation: Evaluation) -> list[str]:
-    """As v1; a plain score with a centred twin also exports its embeddings, which the centred
-    score re-reads (scoring only, no encoding)."""
+    """As v1, except: a trained run's full grid exports its embeddings, and its held-out part of
+    the same collection is scored from them (every text of the part is in the grid: no second
+    encoding, the same numbers); a plain score with a centred twin also exports its embeddings;
+    a centred score re-reads the embeddings its plain twin was scored from (scoring only)."""
+    out = os.path.join(self.workroot, run.name, "eval", evaluation.name)
     if not evaluation.centered:
+      grid = self.grid_source(run, evaluation)
+      if grid is not None:
+        return [self.python, "-m", "hybrid_jax.evaluate",
+                f"--embeddings={self._exported(run, grid)}", *evaluation.flags(),
+                f"--groups={self._groups(run, evaluation, with_unseen=True)}",
+                f"--output_dir={out}"]
       command = super().evaluate_command(run, evaluation)
-      if any(e.centered and e.name == f"{evaluation.name}-centered" for e in run.evaluations()):
+      if (any(e.centered and e.name == f"{evaluation.name}-centered" for e in run.evaluations())
+          or (evaluation.part == "all" and not run.zero_shot)):
         command.append(f"--export_embeddings={self._exported(run, evaluation)}")
       return command
     plain = dataclasses.replace(evaluation, name=evaluation.name[:-len("-centered")],
                                 centered=False)
+    source = self.grid_source(run, plain) or plain
+    return [self.python, "-m", "hybrid_jax.evaluate",
+            f"--embeddings={self._exported(run, source)}", "--center_languages",
+            *evaluation.flags(),
+            f"--groups={self._groups(run, evaluation, with_unseen=evaluation.part == 'all')}",
+            f"--output_dir={out}"]
+
+  def reuses_embeddings(self, run: Run, evaluation: Evaluation) -> bool:
+    return self.grid_source(run, evaluation) is not None
+
+  def grid_source(self, run: Run, evaluation: Evaluation) -> Evaluation | None:
+    """A trained run's full-grid score of the same collection and checkpoint as this held-out
+    part (its exported embeddings hold every text of the part), or None."""
+    if run.zero_shot or evaluation.part == "all":
+      return None
+    grid = next((e for e in run.evaluations() if not e.centered and e.part == "all"
+                 and e.dataset == evaluation.dataset and e.step == evaluation.step), None)
+    # A grid scored without its embeddings kept (before this rule, or freed): encode instead.
+    if grid is not None and self.evaluation_done(run, grid) and not os.path.isdir(
+        self._exported(run, grid)):
+      return None
+    return grid
+
+  @staticmethod
+  def _groups(run: Run, evaluation: Evaluation, with_unseen: bool) -> str:
+    """--groups as a --workdir source gives them: low-resource, and the languages the run's
+    training collection lacks (zero-shot: the other collection's)."""
     groups = f"low_resource={'+'.join(LOW_RESOURCE[evaluation.dataset])}"
     trained = (study_config.TRAINING_DATASETS[run.direction] if run.direction else
                next(d for d in study_config.TRAINING_DATASETS.values() if d != evaluation.dataset))
     unseen = unseen_languages(evaluation.dataset, trained)
-    if evaluation.part == "all" and unseen:
+    if with_unseen and unseen:
       groups += f";unseen={'+'.join(unseen)}"
-    out = os.path.join(self.workroot, run.name, "eval", evaluation.name)
-    return [self.python, "-m", "hybrid_jax.evaluate",
-            f"--embeddings={self._exported(run, plain)}", "--center_languages",
-            *evaluation.flags(), f"--groups={groups}", f"--output_dir={out}"]
+    return groups
 
   def _exported(self, run: Run, evaluation: Evaluation) -> str:
     return os.path.join(self.workroot, run.name, "eval", evaluation.name, "exported")

@@ -176,9 +176,9 @@ def test_v2_runs_differ_only_where_they_should_and_use_the_leak_free_settings():
     assert flat["train.false_negative_mask_definition"] == "per_question"
   # Each trained run: both held-out parts and the other collection's grid, at best and last.
   names = [e.name for e in next(r for r in after if r.name == "B-xy-seed3").evaluations()]
-  assert names == ["best/mlqa-r-test", "best/xquad-r-test", "best/mlqa-r", "last/mlqa-r-test",
-                   "last/xquad-r-test", "last/mlqa-r", "best/mlqa-r-test-centered",
-                   "best/xquad-r-test-centered", "best/mlqa-r-centered"]
+  assert names == ["best/mlqa-r", "best/mlqa-r-test", "best/xquad-r-test", "last/mlqa-r",
+                   "last/mlqa-r-test", "last/xquad-r-test", "best/mlqa-r-centered",
+                   "best/mlqa-r-test-centered", "best/xquad-r-test-centered"]
   assert not next(r for r in after if r.family == "pilot").evaluations()
   zero = after[6]  # after A's seed-0 runs: the headline's baseline rows come early
   assert zero.name == "zeroshot" and [r.name for r in after[3:6]] == [
@@ -196,8 +196,34 @@ def test_v2_runs_differ_only_where_they_should_and_use_the_leak_free_settings():
   assert command[3:5] == [exported.replace("--export_embeddings", "--embeddings"),
                           "--center_languages"]
   assert "--groups=low_resource=el+hi+th+tr+vi;unseen=el+ru+th+tr" in command
+  evaluation = {e.name: e for e in run.evaluations()}
+  root = "/root/runs/protocol2/A-xy-seed0/eval"
+  # The held-out part of the grid's collection is scored from the grid's embeddings, with the
+  # groups a --workdir source gives; the other part (MLQA-R's, in-domain for A) is encoded.
+  for step in ("best", "last"):
+    command = s.evaluate_command(run, evaluation[f"{step}/xquad-r-test"])
+    assert command[3] == f"--embeddings={root}/{step}/xquad-r/exported", command
+    assert "--part=test" in command and "--heldout_unit=article" in command
+    assert "--groups=low_resource=el+hi+th+tr+vi;unseen=el+ru+th+tr" in command
+    assert f"--export_embeddings={root}/{step}/xquad-r/exported" in s.evaluate_command(
+        run, evaluation[f"{step}/xquad-r"])
+  assert s.evaluate_command(run, evaluation["best/mlqa-r-test"])[3].startswith("--workdir=")
   assert not any(a.startswith("--export") for a in s.evaluate_command(
-      run, next(e for e in run.evaluations() if e.name == "last/xquad-r")))
+      run, evaluation["last/mlqa-r-test"]))
+  assert s.evaluate_command(run, evaluation["best/xquad-r-test-centered"])[3] == (
+      f"--embeddings={root}/best/xquad-r/exported")
+
+
+def test_v2_heldout_part_is_encoded_when_its_grid_was_scored_without_embeddings(tmp_path):
+  s = study.StudyV2(str(tmp_path / "runs"), str(tmp_path / "results"))
+  run = next(r for r in s.runs() if r.name == "A-hybrid-seed2")
+  part = next(e for e in run.evaluations() if e.name == "last/xquad-r-test")
+  assert s.evaluate_command(run, part)[3].startswith("--embeddings=")  # grid not scored yet
+  grid = tmp_path / "results" / run.name / "last" / "xquad-r"
+  grid.mkdir(parents=True)
+  (grid / "results.json").write_text("{}")  # scored, but its exported embeddings are gone
+  assert s.evaluate_command(run, part)[3:5] == [f"--workdir={tmp_path}/runs/protocol2/{run.name}",
+                                                "--step=last"]
 
 
 def test_b_budget_is_the_argmin_of_the_pilots_mean_validation_loss():
