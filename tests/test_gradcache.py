@@ -153,9 +153,11 @@ def sharded_setup():
   # Jitted as the trainer jits its step: sharded inputs, replicated loss, FSDP-sharded grads.
   jit = lambda fn: jax.jit(fn, out_shardings=(replicated, param_shardings))
   reference = jit(reference_loss_and_grads)  # compiled once, run with several key sets
-  return {"params": params, "batch": batch, "param_shardings": param_shardings,
+  # GradCache is compiled by the test that uses it: pytest-xdist may run the two tests of this
+  # file on two workers, each building this fixture.
+  return {"params": params, "batch": batch, "param_shardings": param_shardings, "step": step,
           "jit": jit, "reference": reference, "step_key": step_key,
-          "gradcache_result": jit(gradcache_step)(params, batch, step),
+          "gradcache_step": jit(gradcache_step),
           "reference_result": jax.device_get(
               reference(params, batch, gradcache_keys(step_key)))}
 
@@ -174,7 +176,8 @@ def max_leaf_diff(reference, other):
 
 
 def test_gradcache_with_dropout_equals_autodiff_of_same_chunk_masks(sharded_setup):
-  loss, grads = sharded_setup["gradcache_result"]
+  s = sharded_setup
+  loss, grads = s["gradcache_step"](s["params"], s["batch"], s["step"])
   # Gradients come back in the parameters' FSDP layout, as the optimizer update needs them.
   path = ("encoder", "encoder", "layer_0", "intermediate", "dense", "kernel")
   leaf, expected = grads, sharded_setup["param_shardings"]
