@@ -105,6 +105,23 @@ def mean_sd(xs: list[float], digits: int = 3) -> str:
 
 
 # --- comparisons --------------------------------------------------------------------------------
+# Cache files this build read or wrote; the others (comparisons of fewer seeds, superseded as runs
+# finish) are deleted at the end so the committed cache holds what the report shows.
+_USED_CACHES: set[str] = set()
+
+
+def prune_unused_comparisons(results_dir: str) -> list[str]:
+  """Deletes comparisons/*.json that this build did not use; returns their names."""
+  folder = os.path.join(results_dir, COMPARISONS)
+  if not os.path.isdir(folder):
+    return []
+  stale = sorted(n for n in os.listdir(folder) if n.endswith(".json")
+                 and os.path.abspath(os.path.join(folder, n)) not in _USED_CACHES)
+  for name in stale:
+    os.remove(os.path.join(folder, name))
+  return stale
+
+
 def comparison(results_dir: str, runs_a: list[str], runs_b: list[str], evaluation_a: str,
                evaluation_b: str | None = None, metric: str = "map") -> dict | None:
   """{family: row} of B - A (seed means; row["a"], row["b"] the two means), or None."""
@@ -135,6 +152,7 @@ def contrast_rows(results_dir: str, groups: list[tuple[list[str], str]],
                    + [list(coefficients), metric] + ([languages] if languages else []))
   cache = os.path.join(results_dir, COMPARISONS,
                        f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json")
+  _USED_CACHES.add(os.path.abspath(cache))
   newest = max(os.path.getmtime(os.path.join(d, "per_query.npz"))
                for dirs in dir_groups for d in dirs)
   if os.path.isfile(cache) and os.path.getmtime(cache) >= newest:
@@ -443,13 +461,32 @@ def budget_lines(results_dir: str) -> list[str]:
     return ["B's step budget: not fixed yet (the three 600-step pilots are running).", ""]
   with open(path, encoding="utf-8") as f:
     budget = json.load(f)
-  curve = ", ".join(f"{s}: {v:.4f}" for s, v in budget["mean_validation_loss"].items())
-  return [f"B's step budget: **{budget['steps']} steps**, fixed before any B seed ran "
-          f"({study.BUDGET_FILE}; rule: {budget['rule']}). Mean validation loss of the pilots "
-          f"by step: {curve}.", ""]
+  by_step = lambda curve: sorted((int(s), v) for s, v in curve.items())  # JSON keys are strings
+  curve = ", ".join(f"{s}: {v:.4f}" for s, v in by_step(budget["mean_validation_loss"]))
+  lines = [f"B's step budget: **{budget['steps']} steps**, fixed before any B seed ran "
+           f"({study.BUDGET_FILE}; rule: {budget['rule']}). Mean validation loss of the pilots "
+           f"by step: {curve}.", ""]
+  plt = report.pyplot()
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  for k, (strategy, points) in enumerate(sorted(budget.get("curves", {}).items())):
+    steps, losses = zip(*[(s, v) for s, v in by_step(points) if s > 0])  # step 0: untrained
+    ax.plot(steps, losses, "o-", ms=3, color=f"C{k}", label=f"pilot {NAMES.get(strategy, strategy)}")
+  steps, losses = zip(*[(s, v) for s, v in by_step(budget["mean_validation_loss"]) if s > 0])
+  ax.plot(steps, losses, "k-", lw=2, label="mean of the pilots")
+  ax.axvline(budget["steps"], color="gray", ls="--", lw=1, label=f"budget: {budget['steps']}")
+  ax.set_xlabel("training step (direction B, XQuAD-R)", fontsize=8)
+  ax.set_ylabel("validation loss", fontsize=8)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  os.makedirs(os.path.join(results_dir, PLOTS), exist_ok=True)
+  fig.savefig(os.path.join(results_dir, PLOTS, "b_budget.png"), dpi=120)
+  plt.close(fig)
+  return lines + [f"![B's budget](../experiments/results_v2/{PLOTS}/b_budget.png)", ""]
 
 
 def build(results_dir: str = study.RESULTS_DIR_V2, output: str = OUTPUT) -> str:
+  _USED_CACHES.clear()
   results = load_results(results_dir)
   intro_path = os.path.join(HERE, "RESULTS_v2_intro.md")
   reading_path = os.path.join(HERE, "RESULTS_v2_reading.md")
@@ -506,7 +543,11 @@ def build(results_dir: str = study.RESULTS_DIR_V2, output: str = OUTPUT) -> str:
             "found no mismatch) but its significance statements are not: they ignore "
             "translations moving together and training noise. This report replaces its "
             "conclusions.", ""]
-  return report.write(lines + report.hand_written(reading_path), output, results)
+  written = report.write(lines + report.hand_written(reading_path), output, results)
+  stale = prune_unused_comparisons(results_dir)
+  if stale:
+    print(f"[report] removed {len(stale)} superseded comparison caches")
+  return written
 
 
 if __name__ == "__main__":

@@ -69,8 +69,12 @@ def test_report_v2_seed_means_and_seed_aware_comparisons(tmp_path):
   for strategy, scales in SHIFTED_SCALES.items():
     for seed, scale in enumerate(scales):
       _scaled_copy(results / f"B-{strategy}-seed{seed}" / "best" / "mlqa-r-test", scale)
+  stale = results / report_v2.COMPARISONS / "0000000000000000.json"  # an earlier, fewer-seed one
+  stale.parent.mkdir(parents=True)
+  stale.write_text("{}")
   text = open(report_v2.build(str(results), str(tmp_path / "RESULTS_v2.md")),
               encoding="utf-8").read()
+  assert not stale.exists()  # pruned: the committed cache holds only what the report used
 
   # Headline: seed mean ± sample sd over the 5 results.json files.
   multi = macro["multilingual"]
