@@ -50,20 +50,59 @@ def pytest_runtest_setup(item):
     pytest.skip(_SKIP_REASON)
 
 
-# pytest-xdist (pytest.ini: -n auto --dist=worksteal) splits the tests in collection order between
-# its workers, and a worker that runs dry takes over the tail of another's share. The slowest
-# files go first, so they start at once and what is left to take over at the end is short
-# (seconds measured with 2 workers on 2 cores, 2026-12-07).
-SLOWEST_FILES_FIRST = (
-    "test_trainer.py",  # 290 s: three trainings, two hosts, SIGKILL/SIGTERM resumes
-    "test_fault_injection.py",  # 115 s: 12 training processes
-    "test_gradcache_packing.py", "test_memory_plan.py", "test_export.py",
-    "test_dropout_sharding.py", "test_sharding.py", "test_gradcache.py",
-    "test_benchmarks_smoke.py", "test_packed_training.py", "test_encoder_packing.py",
-)
+# pytest-xdist (pytest.ini: -n auto --dist=worksteal) hands worker k the k-th of n equal-count
+# slices of the collection, in order; a worker that runs dry takes over the tail of another's
+# queue. So each slice is built to cost the same: the slow files are dealt out to the slices
+# (heaviest first, to the cheapest slice so far), each slice runs its slow files first, and its
+# tail, what another worker may take over, is its cheapest tests (a module fixture split by a
+# takeover is built twice). Seconds per file: measured with 2 workers on 2 cores (2026-12-07);
+# files not listed count DEFAULT_TEST_SECONDS per test.
+FILE_SECONDS = {
+    "test_trainer.py": 229, "test_fault_injection.py": 108, "test_export.py": 55,
+    "test_gradcache_packing.py": 54, "test_gradcache.py": 48, "test_sharding.py": 41,
+    "test_memory_plan.py": 38, "test_dropout_sharding.py": 38, "test_checkpointing.py": 37,
+    "test_sweep.py": 36, "test_benchmarks_smoke.py": 33, "models/test_encoder_packing.py": 29,
+    "models/test_e5_convert.py": 27, "test_losses.py": 25, "eval/test_eval_runner.py": 24,
+    "test_mine_cli.py": 24, "models/test_encoder.py": 23, "data/test_mining.py": 22,
+    "data/test_tokenization.py": 20, "test_packed_training.py": 20, "search/test_topk.py": 18,
+    "eval/test_eval_significance.py": 18, "eval/test_eval_collection.py": 15,
+    "data/test_lareqa.py": 13, "eval/test_eval_metrics.py": 10,
+}
+DEFAULT_TEST_SECONDS = 0.25
+_TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(SLOWEST_FILES_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file
+def balanced_order(files: dict[str, list], costs: dict[str, float], workers: int) -> list:
+  """The items of `files` ({file: its items in order}) as `workers` consecutive equal-count
+  slices of about equal total cost, each slice's files in decreasing cost."""
+  total = sum(len(v) for v in files.values())
+  sizes = [total // workers + (k >= workers - total % workers) for k in range(workers)]
+  slices = [[] for _ in range(workers)]
+  spent = [0.0] * workers
+  for name in sorted(files, key=lambda f: -costs[f]):  # stable: ties keep collection order
+    k = min(range(workers), key=lambda i: spent[i])
+    slices[k].append(name)
+    spent[k] += costs[name]
+  ordered = [[item for name in names for item in files[name]] for names in slices]
+  # Equal counts: a slice over its size hands its last (cheapest) items to the next slices.
+  for k in range(workers - 1):
+    surplus = len(ordered[k]) - sizes[k]
+    if surplus > 0:
+      ordered[k + 1] += ordered[k][-surplus:]
+      del ordered[k][-surplus:]
+    elif surplus < 0:
+      ordered[k] += ordered[k + 1][-(-surplus):]
+      del ordered[k + 1][-(-surplus):]
+  return [item for part in ordered for item in part]
 
+
+def pytest_collection_modifyitems(config, items):
+  workers = getattr(config, "workerinput", {}).get("workercount", 1)
+  if workers < 2:
+    return
+  files: dict[str, list] = {}
+  for item in items:
+    files.setdefault(os.path.relpath(str(item.path), _TESTS_DIR).replace(os.sep, "/"),
+                     []).append(item)
+  costs = {f: FILE_SECONDS.get(f, DEFAULT_TEST_SECONDS * len(v)) for f, v in files.items()}
+  items[:] = balanced_order(files, costs, workers)
