@@ -47,6 +47,7 @@ from hybrid_jax import workdir_lock
 from hybrid_jax.eval import evaluators as evaluators_lib
 from hybrid_jax.eval import periodic
 from hybrid_jax.models import encoder as encoder_lib
+from hybrid_jax.data import tf_runtime
 
 class TrainConfigError(errors.UserError):
   """The experiment config cannot be trained as given; the message says what to change."""
@@ -259,6 +260,9 @@ def _diverged(first_step: int, step: int, last_saved) -> TrainingDivergedError:
 
 
 def _metric_writer(config, workdir: str, start_step: int):
+  # clu's TensorBoard writer starts TensorFlow's runtime: the input pipeline's TF limits (no
+  # accelerators, data.tf_threads inter-op threads) must be set before, or they never apply.
+  tf_runtime.import_tensorflow(config.data.get("tf_threads", 4))
   with native_log.quiet_native_banners():
     from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
   writer = metric_writers.MultiWriter(

@@ -16,7 +16,9 @@ _TF_CONFIGURED = False
 
 
 def import_tensorflow(num_threads: int = 4):
-  """TensorFlow for tf.data only: no accelerators, few threads. Safe to call repeatedly."""
+  """TensorFlow for tf.data only: no accelerators, few threads. Safe to call repeatedly; the
+  limits hold only where this is the first use of TensorFlow in the process (call it before
+  anything else that starts TF's runtime, e.g. clu's TensorBoard writer)."""
   global _TF_CONFIGURED
   with native_log.quiet_native_banners():  # TF's C++ start-up INFO lines, not its warnings
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
