@@ -158,7 +158,12 @@ class Study:
     return checkpointing.latest_step(self.workdir(run)) or 0
 
   def training_done(self, run: Run) -> bool:
-    return run.zero_shot or self.trained_steps(run) >= run.steps
+    if run.zero_shot or self.trained_steps(run) >= run.steps:
+      return True
+    # A finished run's checkpoints are deleted (StudyV2.finished): its results say it trained.
+    if run.evaluations():
+      return self.done(run)
+    return os.path.isfile(os.path.join(self.results_dir, run.name, "metrics.jsonl"))  # a pilot
 
   def evaluation_done(self, run: Run, evaluation: Evaluation) -> bool:
     return os.path.isfile(os.path.join(self.result_dir(run, evaluation), "results.json"))

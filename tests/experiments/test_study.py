@@ -298,6 +298,13 @@ def test_v2_finished_run_frees_its_checkpoints_and_embeddings_only(tmp_path):
   s.finished(run)
   assert sorted(p.name for p in workdir.iterdir()) == ["config.json", "eval"]
   assert not (workdir / "eval" / "best" / "xquad-r" / "embeddings").exists()
+  # Its checkpoints are gone, yet its training counts as done (--list said "to do").
+  assert s.trained_steps(run) == 0 and s.training_done(run)
+  pilot = next(r for r in s.runs() if r.name == "B-pilot-xy")
+  assert not s.training_done(pilot)
+  (tmp_path / "results" / pilot.name).mkdir(parents=True)
+  (tmp_path / "results" / pilot.name / "metrics.jsonl").write_text("{}\n")  # copied when trained
+  assert s.training_done(pilot)
 
 
 def test_v2_list_plans_every_job_with_an_eta(tmp_path):
