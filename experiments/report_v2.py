@@ -455,23 +455,18 @@ def status_lines(results_dir: str, results: dict) -> list[str]:
   return lines + [""]
 
 
-def budget_lines(results_dir: str) -> list[str]:
-  path = os.path.join(results_dir, study.BUDGET_FILE)
-  if not os.path.isfile(path):
-    return ["B's step budget: not fixed yet (the three 600-step pilots are running).", ""]
-  with open(path, encoding="utf-8") as f:
-    budget = json.load(f)
-  by_step = lambda curve: sorted((int(s), v) for s, v in curve.items())  # JSON keys are strings
-  curve = ", ".join(f"{s}: {v:.4f}" for s, v in by_step(budget["mean_validation_loss"]))
-  lines = [f"B's step budget: **{budget['steps']} steps**, fixed before any B seed ran "
-           f"({study.BUDGET_FILE}; rule: {budget['rule']}). Mean validation loss of the pilots "
-           f"by step: {curve}.", ""]
+def _by_step(curve: dict) -> list[tuple[int, float]]:
+  return sorted((int(s), v) for s, v in curve.items())  # JSON keys are strings
+
+
+def plot_budget(budget: dict, path: str) -> None:
+  """The three pilots' validation curves, their mean and the step budget chosen from it."""
   plt = report.pyplot()
   fig, ax = plt.subplots(figsize=(6, 3.5))
   for k, (strategy, points) in enumerate(sorted(budget.get("curves", {}).items())):
-    steps, losses = zip(*[(s, v) for s, v in by_step(points) if s > 0])  # step 0: untrained
+    steps, losses = zip(*[(s, v) for s, v in _by_step(points) if s > 0])  # step 0: untrained
     ax.plot(steps, losses, "o-", ms=3, color=f"C{k}", label=f"pilot {NAMES.get(strategy, strategy)}")
-  steps, losses = zip(*[(s, v) for s, v in by_step(budget["mean_validation_loss"]) if s > 0])
+  steps, losses = zip(*[(s, v) for s, v in _by_step(budget["mean_validation_loss"]) if s > 0])
   ax.plot(steps, losses, "k-", lw=2, label="mean of the pilots")
   ax.axvline(budget["steps"], color="gray", ls="--", lw=1, label=f"budget: {budget['steps']}")
   ax.set_xlabel("training step (direction B, XQuAD-R)", fontsize=8)
@@ -479,9 +474,22 @@ def budget_lines(results_dir: str) -> list[str]:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  os.makedirs(os.path.join(results_dir, PLOTS), exist_ok=True)
-  fig.savefig(os.path.join(results_dir, PLOTS, "b_budget.png"), dpi=120)
+  fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def budget_lines(results_dir: str) -> list[str]:
+  path = os.path.join(results_dir, study.BUDGET_FILE)
+  if not os.path.isfile(path):
+    return ["B's step budget: not fixed yet (the three 600-step pilots are running).", ""]
+  with open(path, encoding="utf-8") as f:
+    budget = json.load(f)
+  curve = ", ".join(f"{s}: {v:.4f}" for s, v in _by_step(budget["mean_validation_loss"]))
+  lines = [f"B's step budget: **{budget['steps']} steps**, fixed before any B seed ran "
+           f"({study.BUDGET_FILE}; rule: {budget['rule']}). Mean validation loss of the pilots "
+           f"by step: {curve}.", ""]
+  os.makedirs(os.path.join(results_dir, PLOTS), exist_ok=True)
+  plot_budget(budget, os.path.join(results_dir, PLOTS, "b_budget.png"))
   return lines + [f"![B's budget](../experiments/results_v2/{PLOTS}/b_budget.png)", ""]
 
 

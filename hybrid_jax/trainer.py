@@ -262,7 +262,7 @@ def _diverged(first_step: int, step: int, last_saved) -> TrainingDivergedError:
 def _metric_writer(config, workdir: str, start_step: int):
   # clu's TensorBoard writer starts TensorFlow's runtime: the input pipeline's TF limits (no
   # accelerators, data.tf_threads inter-op threads) must be set before, or they never apply.
-  tf_runtime.import_tensorflow(config.data.get("tf_threads", 4))
+  tf_runtime.import_tensorflow(config.data.tf_threads)
   with native_log.quiet_native_banners():
     from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
   writer = metric_writers.MultiWriter(
