@@ -23,6 +23,7 @@ from absl import flags
 
 from hybrid_jax import config_lib
 from hybrid_jax import errors
+from hybrid_jax import native_log
 from hybrid_jax.eval import runner
 
 _CONFIG = config_lib.DEFINE_config_file(
@@ -105,6 +106,7 @@ _CENTER = flags.DEFINE_bool(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  native_log.quiet_library_info_logs()  # --workdir restores through Orbax
   options = runner.RunOptions(
       dataset=_DATASET.value, data_dir=_DATA_DIR.value, languages=tuple(_LANGUAGES.value),
       candidate_context=_CONTEXT.value, part=_PART.value,

@@ -21,6 +21,7 @@ from absl import app
 from absl import flags
 
 from hybrid_jax import errors
+from hybrid_jax import native_log
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory to export.")
 _MODEL = flags.DEFINE_string("model", None, "Instead of --workdir: a Hugging Face model directory "
@@ -111,6 +112,7 @@ def run(workdir: str | None, model_dir: str | None, out_dir: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  native_log.quiet_library_info_logs()  # --workdir restores through Orbax
   line = errors.exit_on_user_error(lambda: run(_WORKDIR.value, _MODEL.value, _OUT.value))
   print(line, file=sys.stderr)
 

@@ -18,6 +18,7 @@ from absl import app
 from absl import flags
 
 from hybrid_jax import errors
+from hybrid_jax import native_log
 from hybrid_jax.data import mining
 
 _DATA = flags.DEFINE_string("data", None, "LAReQA directory (one <lang>.json per language; a name "
@@ -66,6 +67,7 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Encoder
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  native_log.quiet_library_info_logs()  # --workdir restores through Orbax
 
   def run():
     config = mining.MiningConfig(

@@ -53,3 +53,15 @@ def quiet_native_banners():
       for line in kept_lines(capture.read().decode("utf-8", errors="replace")):
         print(line, file=sys.stderr)
       sys.stderr.flush()
+
+
+def quiet_library_info_logs() -> None:
+  """For a command's main(): absl INFO records off unless --verbosity was given.
+
+  Orbax logs every checkpoint file operation at INFO and JAX its backend probing; the commands
+  print their own progress, so a user sees those lines only when asking with --verbosity=0.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top  (absl: every command's parser)
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from absl import app
 from absl import flags
-from absl import logging
 
 from hybrid_jax import config_lib
 from hybrid_jax import errors
+from hybrid_jax import native_log
 
 _CONFIG = config_lib.DEFINE_config_file(
     "config", None, "Experiment config file, optionally with an argument: FILE.py:batch_size=128",
@@ -36,8 +36,7 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # no backend-probing INFO lines around the plan
+  native_log.quiet_library_info_logs()  # no backend-probing INFO lines around the plan
   from hybrid_jax import memory_plan  # pylint: disable=g-import-not-at-top
 
   def build():

@@ -15,10 +15,10 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 
 from hybrid_jax import config_lib
 from hybrid_jax import errors
+from hybrid_jax import native_log
 
 # Also the flags of hybrid_jax.sweep, which imports this module for them.
 CONFIG = config_lib.DEFINE_config_file(
@@ -40,9 +40,7 @@ def start_process(argv) -> None:
   """What every training command does first: no stray arguments, quiet Orbax, multi-host init."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    # Orbax logs every checkpoint file operation at INFO; the trainer prints its own progress.
-    logging.set_verbosity(logging.WARNING)
+  native_log.quiet_library_info_logs()
   if DISTRIBUTED.value:
     import jax  # pylint: disable=g-import-not-at-top
     jax.distributed.initialize()

@@ -10,6 +10,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -278,6 +279,18 @@ def test_evaluate_workdir_source(subset, tmp_path):
   np.testing.assert_allclose(queries[:40], direct, atol=1e-6)
   with pytest.raises(ValueError, match=r"no checkpoint at step 7"):
     runner.run(dataclasses.replace(options, step="7"))
+
+  # The command scores the same; Orbax's INFO lines (one per checkpoint file operation, ~20 long
+  # lines before the progress) stay out of its console unless --verbosity asks for them.
+  result = _run_cli("hybrid_jax.evaluate", f"--workdir={workdir}", "--step=best", "--languages=en",
+                    "--query_max_length=32", "--passage_max_length=48", "--batch_size=4096",
+                    f"--output_dir={tmp_path / 'cli'}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(tmp_path / "cli" / "results.json", encoding="utf-8") as f:
+    assert json.load(f)["settings"] == results["settings"]
+  absl_info = [l for l in result.stderr.splitlines() if re.match(r"I\d{4} [\d:.]+ +\d+ ", l)]
+  assert not absl_info, absl_info[:3]
+  assert "embedding queries: 1190/1190 texts" in result.stderr
 
 
 @pytest.mark.real_data
