@@ -5,6 +5,10 @@ r"""Runs the whole study, resumably: protocol v2 (issue 22, the default) or v1 (
     python experiments/study.py --list               # every job, done or not, with its command
     python experiments/study.py --protocol=1 --report_only   # v1's tables from committed results
 
+Several runners (the same command started N times, e.g. one per core with --single_thread) share
+the runs out: each claims a run before its jobs (Study.claim) and skips one that another live
+runner holds, so no runner idles while another has a queue.
+
 Protocol v2 (StudyV2, results in experiments/results_v2/, workdirs in <workroot>/protocol2, which
 committed commands call $STUDY_ROOT): validation ids by article (no validation gold sentence is
 trained on), packed training, the false-negative mask definition in every config.json; three B
@@ -48,6 +52,7 @@ sys.path.insert(0, HERE)
 import study_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 RESULTS_DIR = os.path.join(HERE, "results")
+CLAIMS_DIR = ".claims"  # under the workroot: which runner has which run (Study.claim)
 DEFAULT_WORKROOT = os.environ.get("HYBRID_JAX_STUDY_ROOT",
                                   os.path.join(os.path.dirname(REPO), "study_runs"))
 # Files of an evaluation output directory that are small enough to commit (no embeddings/).
@@ -284,22 +289,46 @@ class Study:
       self.collect(run, evaluation)
     print(f"[study] {run.name}: {kind} done in {time.time() - started:.0f}s", flush=True)
 
+  def claim(self, run: Run):
+    """The run's claim for this runner: a workdir lock on <workroot>/.claims/<run> (not the run's
+    workdir, which its trainer locks). Several runners given the same runs share them out: each
+    skips a run another live runner holds; a killed runner's claim is free again."""
+    from hybrid_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+    return workdir_lock.WorkdirLock(os.path.join(self.workroot, CLAIMS_DIR, run.name)).acquire()
+
   def run(self, runs) -> None:
+    from hybrid_jax import workdir_lock  # pylint: disable=g-import-not-at-top
     runs = list(runs)
+    elsewhere = []
     for i, run in enumerate(runs):
       if self.done(run):
         continue
-      left = self.remaining_seconds(runs[i:])
-      done = sum(self.done(r) for r in runs)
-      print(f"[study] {done}/{len(runs)} runs done; next {run.name}; ETA for the rest "
-            f"{left / 3600:.1f} h", flush=True)
-      for kind, evaluation, command in self.jobs(run):
-        if kind == "train" and self.training_done(run):
+      try:
+        claim = self.claim(run)
+      except workdir_lock.WorkdirLockedError:
+        print(f"[study] {run.name}: another runner has it "
+              f"({workdir_lock.live_holder(os.path.join(self.workroot, CLAIMS_DIR, run.name))}); "
+              "next", flush=True)
+        elsewhere.append(run.name)
+        continue
+      try:
+        if self.done(run):  # finished by another runner between the check and the claim
           continue
-        if kind in ("evaluate", "copy") and self.evaluation_done(run, evaluation):
-          continue
-        self.run_job(run, kind, evaluation, command)
-      self.finished(run)
+        left = self.remaining_seconds(runs[i:])
+        done = sum(self.done(r) for r in runs)
+        print(f"[study] {done}/{len(runs)} runs done; next {run.name}; ETA for the rest "
+              f"{left / 3600:.1f} h", flush=True)
+        for kind, evaluation, command in self.jobs(run):
+          if kind == "train" and self.training_done(run):
+            continue
+          if kind in ("evaluate", "copy") and self.evaluation_done(run, evaluation):
+            continue
+          self.run_job(run, kind, evaluation, command)
+        self.finished(run)
+      finally:
+        claim.release()
+    if elsewhere:
+      print(f"[study] left to the other runners: {', '.join(elsewhere)}", flush=True)
 
   def finished(self, run: Run) -> None:
     """Called once all of a run's jobs are done."""
@@ -624,7 +653,7 @@ def main(argv=None) -> None:
   parser.add_argument("--list", action="store_true", help="print every job and its state")
   parser.add_argument("--single_thread", action="store_true",
                       help="jobs use one CPU thread (faster than two for XLA:CPU on a 2-core "
-                      "VM); two runners, e.g. --only=A-,zeroshot and --only=B-, can share it")
+                      "VM); start the same command twice and the two runners share the runs out")
   args = parser.parse_args(argv)
   if args.protocol == 2:
     study = StudyV2(args.workroot)

@@ -315,3 +315,37 @@ def test_v2_list_plans_every_job_with_an_eta(tmp_path):
   # It reads the committed results_v2/: B's seeds are listed once the pilots fixed the budget.
   fixed = os.path.isfile(os.path.join(study.RESULTS_DIR_V2, study.BUDGET_FILE))
   assert ("listed once the B pilots" in out) != fixed and ("B-xy-seed0" in out) == fixed
+
+
+def test_runners_of_the_same_command_share_the_runs_out(tmp_path, monkeypatch, capsys):
+  """A run another live runner has claimed is skipped (not run twice, no lock error), and every
+  claim is released once its run's jobs end, whether they finish or fail."""
+  from hybrid_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  s = study.Study(str(tmp_path / "runs"), str(tmp_path / "results"))
+  runs = [r for r in study.RUNS if r.name in ("A-mono", "A-xy", "A-hybrid")]
+  finished, started = set(), []
+  monkeypatch.setattr(s, "done", lambda run: run.name in finished)
+  monkeypatch.setattr(s, "jobs", lambda run: iter([("evaluate", None, ["echo", run.name])]))
+  monkeypatch.setattr(s, "evaluation_done", lambda run, evaluation: False)
+  monkeypatch.setattr(s, "remaining_seconds", lambda runs: 0.0)
+
+  def run_job(run, kind, evaluation, command):
+    started.append(run.name)
+    if run.name == "A-hybrid":
+      raise SystemExit("A-hybrid failed")
+    finished.add(run.name)
+  monkeypatch.setattr(s, "run_job", run_job)
+  monkeypatch.setattr(s, "finished", lambda run: None)
+
+  other_runner = workdir_lock.WorkdirLock(str(tmp_path / "runs" / study.CLAIMS_DIR / "A-xy"))
+  other_runner.acquire()  # its own open file: the flock conflicts as another process's would
+  with pytest.raises(SystemExit, match="A-hybrid failed"):
+    s.run(runs)
+  assert started == ["A-mono", "A-hybrid"]
+  assert "A-xy: another runner has it" in capsys.readouterr().out
+  other_runner.release()
+  assert not os.path.exists(tmp_path / "runs" / study.CLAIMS_DIR / "A-mono")  # released
+  finished.add("A-hybrid")
+  s.run(runs)  # A-xy is free now: this runner takes it; the finished runs are not claimed again
+  assert started == ["A-mono", "A-hybrid", "A-xy"]
+  assert os.listdir(tmp_path / "runs" / study.CLAIMS_DIR) == []
