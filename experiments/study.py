@@ -6,7 +6,7 @@ r"""Runs the whole study, resumably: protocol v2 (issue 22, the default) or v1 (
     python experiments/study.py --protocol=1 --report_only   # v1's tables from committed results
 
 Several runners (the same command started N times, e.g. one per core with --single_thread) share
-the runs out: each claims a run before its jobs (Study.claim) and skips one that another live
+the runs out: each claims a run before its jobs (Study.claim_dir) and skips one that another live
 runner holds, so no runner idles while another has a queue.
 
 Protocol v2 (StudyV2, results in experiments/results_v2/, workdirs in <workroot>/protocol2, which
@@ -52,7 +52,7 @@ sys.path.insert(0, HERE)
 import study_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 RESULTS_DIR = os.path.join(HERE, "results")
-CLAIMS_DIR = ".claims"  # under the workroot: which runner has which run (Study.claim)
+CLAIMS_DIR = ".claims"  # under the workroot: which runner has which run (Study.claim_dir)
 DEFAULT_WORKROOT = os.environ.get("HYBRID_JAX_STUDY_ROOT",
                                   os.path.join(os.path.dirname(REPO), "study_runs"))
 # Files of an evaluation output directory that are small enough to commit (no embeddings/).
@@ -289,12 +289,11 @@ class Study:
       self.collect(run, evaluation)
     print(f"[study] {run.name}: {kind} done in {time.time() - started:.0f}s", flush=True)
 
-  def claim(self, run: Run):
-    """The run's claim for this runner: a workdir lock on <workroot>/.claims/<run> (not the run's
-    workdir, which its trainer locks). Several runners given the same runs share them out: each
-    skips a run another live runner holds; a killed runner's claim is free again."""
-    from hybrid_jax import workdir_lock  # pylint: disable=g-import-not-at-top
-    return workdir_lock.WorkdirLock(os.path.join(self.workroot, CLAIMS_DIR, run.name)).acquire()
+  def claim_dir(self, run: Run) -> str:
+    """Where a runner locks the run it works on: <workroot>/.claims/<run> (not the run's workdir,
+    which its trainer locks). Several runners given the same runs share them out: each skips a run
+    another live runner holds; a killed runner's claim is free again."""
+    return os.path.join(self.workroot, CLAIMS_DIR, run.name)
 
   def run(self, runs) -> None:
     from hybrid_jax import workdir_lock  # pylint: disable=g-import-not-at-top
@@ -304,11 +303,10 @@ class Study:
       if self.done(run):
         continue
       try:
-        claim = self.claim(run)
+        claim = workdir_lock.WorkdirLock(self.claim_dir(run)).acquire()
       except workdir_lock.WorkdirLockedError:
         print(f"[study] {run.name}: another runner has it "
-              f"({workdir_lock.live_holder(os.path.join(self.workroot, CLAIMS_DIR, run.name))}); "
-              "next", flush=True)
+              f"({workdir_lock.live_holder(self.claim_dir(run))}); next", flush=True)
         elsewhere.append(run.name)
         continue
       try:

@@ -337,7 +337,7 @@ def test_runners_of_the_same_command_share_the_runs_out(tmp_path, monkeypatch, c
   monkeypatch.setattr(s, "run_job", run_job)
   monkeypatch.setattr(s, "finished", lambda run: None)
 
-  other_runner = workdir_lock.WorkdirLock(str(tmp_path / "runs" / study.CLAIMS_DIR / "A-xy"))
+  other_runner = workdir_lock.WorkdirLock(s.claim_dir(next(r for r in runs if r.name == "A-xy")))
   other_runner.acquire()  # its own open file: the flock conflicts as another process's would
   with pytest.raises(SystemExit, match="A-hybrid failed"):
     s.run(runs)
