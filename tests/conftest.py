@@ -6,9 +6,10 @@ any laptop (the same code paths as an 8-chip TPU host).
 
 import os
 
-from train_helpers import xla_flags  # noqa: E402  (numpy only: jax is not imported yet)
+from train_helpers import FEW_OPTIMIZATIONS_VARIABLE, xla_flags  # noqa: E402  (numpy only)
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
+os.environ[FEW_OPTIMIZATIONS_VARIABLE] = "1"  # see train_helpers.py
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # TensorFlow must never grab an accelerator

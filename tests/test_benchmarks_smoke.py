@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 
-from train_helpers import REPO, TEST_XLA_FLAGS
+from train_helpers import REPO, xla_flags
 
 
 def test_accelerator_script_smoke_runs_every_part_without_tensorflow(tmp_path):
@@ -18,7 +18,7 @@ def test_accelerator_script_smoke_runs_every_part_without_tensorflow(tmp_path):
   out = tmp_path / "out"
   env = dict(os.environ, PYTHONPATH=str(blocker.parent),
              JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"))
-  env["XLA_FLAGS"] = TEST_XLA_FLAGS  # one CPU device, as on a one-GPU host
+  env["XLA_FLAGS"] = xla_flags(1)  # one CPU device, as on a one-GPU host
   result = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "accelerator.sh"), "--smoke",
                            str(out)], env=env, capture_output=True, text=True, timeout=600,
                           check=False)

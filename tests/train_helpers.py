@@ -1,6 +1,7 @@
 """Shared by the trainer, sweep and mining tests: the small :runlocal config they train, its CLI,
 random token batches, and LAReQA-format data with sentences no question asks about."""
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -10,17 +11,33 @@ import sys
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# LLVM optimisation level 0 for the tests' programs (the test process, via tests/conftest.py, and
-# the subprocesses tests start). Measured on a quiet 2-core machine: compile-bound tests run
-# faster (tests/test_dropout_sharding.py + test_memory_plan.py 87 -> 57 s), a compiled 150-step
-# runlocal training slower (6.6 -> 12.1 s), the whole suite on 2 workers faster (681 s vs 715 s
-# at level 2). Matmuls run in Eigen either way.
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+# Most XLA optimizations off for the tests' programs (jax_disable_most_optimizations: LLVM level
+# 0, no expensive passes), in the test process (tests/conftest.py sets the variable before jax is
+# imported) and in the subprocesses tests start (they inherit it). Measured on a quiet 2-core
+# machine: compile-bound tests run faster (tests/test_dropout_sharding.py + test_memory_plan.py
+# 87 -> 57 s), run-bound programs slower: a 150-step runlocal training 7.6 -> 14.2 s of CPU and
+# the full-grid scoring of XQuAD-R 3.0 -> 14.0 s. Those compile under `fully_optimized_xla()`.
+FEW_OPTIMIZATIONS_VARIABLE = "JAX_DISABLE_MOST_OPTIMIZATIONS"
 
 
 def xla_flags(device_count: int) -> str:
   """XLA_FLAGS for a test process with `device_count` simulated CPU devices."""
-  return f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={device_count}"
+  return f"--xla_force_host_platform_device_count={device_count}"
+
+
+@contextlib.contextmanager
+def fully_optimized_xla():
+  """Programs first compiled inside the block get XLA's full optimization (jit's cache keeps
+  them so afterwards): for the few tests whose cost is running a program, not compiling it."""
+  import jax  # pylint: disable=g-import-not-at-top  (conftest imports this module before jax)
+  before = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
 STEPS = 150
 # A smaller encoder than the runlocal default, to keep the suite fast; the same for every run, so
 # that in-process runs share one compiled train step (train_step.step_functions is cached).
