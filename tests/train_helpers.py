@@ -38,6 +38,17 @@ def fully_optimized_xla():
     jax.config.update("jax_disable_most_optimizations", before)
 
 
+def run_module_as_main(module: str, arguments: list, log_path: str) -> None:
+  """`python -m module *arguments`, stdout and stderr to log_path, in THIS process: the target
+  of a multiprocessing forkserver child whose server has imported the heavy modules already."""
+  import runpy  # pylint: disable=g-import-not-at-top
+  log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+  os.dup2(log, 1)
+  os.dup2(log, 2)
+  sys.argv = [module, *arguments]
+  runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
 STEPS = 150
 # A smaller encoder than the runlocal default, to keep the suite fast; the same for every run, so
 # that in-process runs share one compiled train step (train_step.step_functions is cached).
