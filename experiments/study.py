@@ -264,7 +264,10 @@ class Study:
       if os.path.isfile(path):
         shutil.copy2(path, os.path.join(self.results_dir, run.name, name))
 
-  def run_job(self, run: Run, kind: str, evaluation, command: list[str]) -> None:
+  def run_job(self, run: Run, kind: str, evaluation, command: list[str],
+              collect: bool = True) -> None:
+    """Runs one job; an evaluation's result files are then copied to results/ (unless not
+    `collect`: a re-run for its side effects only)."""
     log_path = os.path.join(self.workroot, run.name, "train.log" if kind == "train"
                             else f"eval-{evaluation.name.replace('/', '-')}.log")
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
@@ -285,7 +288,7 @@ class Study:
       # results of a half-trained run as final.
       raise SystemExit(f"[study] {run.name}: training stopped at step {self.trained_steps(run)} "
                        f"of {run.steps} (preempted?); run the same command again to resume.")
-    if evaluation is not None:
+    if evaluation is not None and collect:
       self.collect(run, evaluation)
     print(f"[study] {run.name}: {kind} done in {time.time() - started:.0f}s", flush=True)
 
@@ -511,9 +514,7 @@ class StudyV2(Study):
           or (evaluation.part == "all" and not run.zero_shot)):
         command.append(f"--export_embeddings={self._exported(run, evaluation)}")
       return command
-    plain = dataclasses.replace(evaluation, name=evaluation.name[:-len("-centered")],
-                                centered=False)
-    source = self.grid_source(run, plain) or plain
+    source = self.embeddings_source(run, evaluation)
     return [self.python, "-m", "hybrid_jax.evaluate",
             f"--embeddings={self._exported(run, source)}", "--center_languages",
             *evaluation.flags(),
@@ -522,6 +523,11 @@ class StudyV2(Study):
 
   def reuses_embeddings(self, run: Run, evaluation: Evaluation) -> bool:
     return self.grid_source(run, evaluation) is not None
+
+  def embeddings_source(self, run: Run, centred: Evaluation) -> Evaluation:
+    """The plain evaluation whose exported embeddings a centred one re-scores."""
+    plain = dataclasses.replace(centred, name=centred.name[:-len("-centered")], centered=False)
+    return self.grid_source(run, plain) or plain
 
   def grid_source(self, run: Run, evaluation: Evaluation) -> Evaluation | None:
     """A trained run's full-grid score of the same collection and checkpoint as this held-out
@@ -562,9 +568,20 @@ class StudyV2(Study):
           continue
       yield kind, evaluation, command
 
-  def run_job(self, run: Run, kind: str, evaluation, command: list[str]) -> None:
+  def run_job(self, run: Run, kind: str, evaluation, command: list[str],
+              collect: bool = True) -> None:
+    if kind == "evaluate" and evaluation.centered:
+      source = self.embeddings_source(run, evaluation)
+      if not os.path.isdir(self._exported(run, source)):
+        # Its plain twin was scored in a work root that is gone (another machine, a lost disk):
+        # encode again only to export the embeddings; its committed scores stay as they are.
+        print(f"[study] {run.name}: {source.name}'s embeddings are not in the work root; "
+              "encoding again to export them", flush=True)
+        super().run_job(run, "evaluate", source, self.evaluate_command(run, source),
+                        collect=False)
+        command = self.evaluate_command(run, evaluation)
     if kind != "copy":
-      return super().run_job(run, kind, evaluation, command)
+      return super().run_job(run, kind, evaluation, command, collect)
     best = dataclasses.replace(evaluation, name=evaluation.name.replace("last/", "best/", 1),
                                step="best")
     if not self.evaluation_done(run, best):

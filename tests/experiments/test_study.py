@@ -227,6 +227,42 @@ def test_v2_heldout_part_is_encoded_when_its_grid_was_scored_without_embeddings(
                                                 "--step=last"]
 
 
+def test_v2_centred_score_re_exports_embeddings_lost_with_the_work_root(tmp_path, monkeypatch):
+  """On a new machine the plain twin's results are committed but its exported embeddings are
+  gone: the runner encodes again to export them (without collecting: the committed scores stay)
+  and then scores the centred evaluation from them."""
+  s = study.StudyV2(str(tmp_path / "runs"), str(tmp_path / "results"))
+  run = next(r for r in s.runs() if r.name == "A-hybrid-seed2")
+  evaluation = {e.name: e for e in run.evaluations()}
+  for name in ("best/xquad-r", "best/xquad-r-test"):  # scored elsewhere, committed
+    (tmp_path / "results" / run.name / name).mkdir(parents=True)
+    (tmp_path / "results" / run.name / name / "results.json").write_text("{}")
+  calls = []
+
+  def record(self, run, kind, evaluation, command, collect=True):
+    calls.append((evaluation.name, collect, command[3]))
+    if "--export_embeddings" in " ".join(command):  # what the real evaluation would leave
+      os.makedirs(command[-1].split("=", 1)[1])
+  monkeypatch.setattr(study.Study, "run_job", record)
+  root = f"{tmp_path}/runs/protocol2/{run.name}"
+  s.run_job(run, "evaluate", evaluation["best/xquad-r-test-centered"],
+            s.evaluate_command(run, evaluation["best/xquad-r-test-centered"]))
+  # The grid's embeddings were gone, so the part itself is the source and is encoded again.
+  assert calls == [("best/xquad-r-test", False, f"--workdir={root}"),
+                   ("best/xquad-r-test-centered", True,
+                    f"--embeddings={root}/eval/best/xquad-r-test/exported")]
+  calls.clear()
+  s.run_job(run, "evaluate", evaluation["best/xquad-r-centered"],
+            s.evaluate_command(run, evaluation["best/xquad-r-centered"]))
+  assert calls == [("best/xquad-r", False, f"--workdir={root}"),
+                   ("best/xquad-r-centered", True,
+                    f"--embeddings={root}/eval/best/xquad-r/exported")]
+  calls.clear()
+  s.run_job(run, "evaluate", evaluation["best/xquad-r-centered"],
+            s.evaluate_command(run, evaluation["best/xquad-r-centered"]))
+  assert [c[0] for c in calls] == ["best/xquad-r-centered"]  # embeddings there: no re-encoding
+
+
 def test_b_budget_is_the_argmin_of_the_pilots_mean_validation_loss():
   curves = {"mono": {0: 3.0, 50: 2.0, 100: 1.5, 150: 1.6},
             "xy": {0: 3.0, 50: 2.1, 100: 1.7, 150: 1.5},
