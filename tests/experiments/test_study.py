@@ -245,21 +245,20 @@ def test_v2_centred_score_re_exports_embeddings_lost_with_the_work_root(tmp_path
       os.makedirs(command[-1].split("=", 1)[1])
   monkeypatch.setattr(study.Study, "run_job", record)
   root = f"{tmp_path}/runs/protocol2/{run.name}"
-  s.run_job(run, "evaluate", evaluation["best/xquad-r-test-centered"],
-            s.evaluate_command(run, evaluation["best/xquad-r-test-centered"]))
+
+  def score(name):
+    calls.clear()
+    s.run_job(run, "evaluate", evaluation[name], s.evaluate_command(run, evaluation[name]))
+    return calls
+
   # The grid's embeddings were gone, so the part itself is the source and is encoded again.
-  assert calls == [("best/xquad-r-test", False, f"--workdir={root}"),
-                   ("best/xquad-r-test-centered", True,
-                    f"--embeddings={root}/eval/best/xquad-r-test/exported")]
-  calls.clear()
-  s.run_job(run, "evaluate", evaluation["best/xquad-r-centered"],
-            s.evaluate_command(run, evaluation["best/xquad-r-centered"]))
-  assert calls == [("best/xquad-r", False, f"--workdir={root}"),
-                   ("best/xquad-r-centered", True,
-                    f"--embeddings={root}/eval/best/xquad-r/exported")]
-  calls.clear()
-  s.run_job(run, "evaluate", evaluation["best/xquad-r-centered"],
-            s.evaluate_command(run, evaluation["best/xquad-r-centered"]))
+  assert score("best/xquad-r-test-centered") == [
+      ("best/xquad-r-test", False, f"--workdir={root}"),
+      ("best/xquad-r-test-centered", True, f"--embeddings={root}/eval/best/xquad-r-test/exported")]
+  assert score("best/xquad-r-centered") == [
+      ("best/xquad-r", False, f"--workdir={root}"),
+      ("best/xquad-r-centered", True, f"--embeddings={root}/eval/best/xquad-r/exported")]
+  score("best/xquad-r-centered")
   assert [c[0] for c in calls] == ["best/xquad-r-centered"]  # embeddings there: no re-encoding
 
 
