@@ -579,7 +579,6 @@ class StudyV2(Study):
               "encoding again to export them", flush=True)
         super().run_job(run, "evaluate", source, self.evaluate_command(run, source),
                         collect=False)
-        command = self.evaluate_command(run, evaluation)
     if kind != "copy":
       return super().run_job(run, kind, evaluation, command, collect)
     best = dataclasses.replace(evaluation, name=evaluation.name.replace("last/", "best/", 1),

@@ -79,15 +79,12 @@ def _only(batch, loss_cfg):
   return {k: batch[k] for k in loss_cfg.required_features()}
 
 
-def _max_diff(a, b) -> float:
-  return max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
-def _max_relative_diff(a, b) -> float:
-  """Differences relative to max(1, |a|): aux holds per-type SUMS of ~11 losses (~50), where
-  float32 resolves ~4e-6 and summation order alone moves a few ulps (1.1e-5 measured)."""
-  return max(float((np.abs(np.asarray(x) - np.asarray(y)) / np.maximum(1, np.abs(x))).max())
+def _max_diff(a, b, relative: bool = False) -> float:
+  """Max |a - b| over the leaves; relative: divided by max(1, |a|) (aux holds per-type SUMS of
+  ~11 losses, ~50, where float32 resolves ~4e-6 and summation order alone moves a few ulps:
+  1.1e-5 measured)."""
+  return max(float((np.abs(np.asarray(x) - np.asarray(y))
+                    / (np.maximum(1, np.abs(x)) if relative else 1)).max())
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
@@ -97,7 +94,7 @@ def _assert_same(reference, result, what):
   (other_loss, other_aux), other_grads = jax.device_get(result)
   assert jax.tree.structure(grads) == jax.tree.structure(other_grads)
   loss_diff = abs(float(loss) - float(other_loss))
-  aux_diff = _max_relative_diff(aux, other_aux)
+  aux_diff = _max_diff(aux, other_aux, relative=True)
   grad_diff = _max_diff(grads, other_grads)
   print(f"\n{what}: loss {float(loss):.6f} diff {loss_diff:.2e}, aux {aux_diff:.2e}, "
         f"grads {grad_diff:.2e}")
