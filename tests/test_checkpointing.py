@@ -258,6 +258,34 @@ def test_resume_sets_a_corrupt_best_aside_and_saves_a_new_one(tmp_path, capfd):
   assert checkpointing.available_steps(workdir)["best"] == [40]
 
 
+def test_replicated_arrays_restore_across_orbax_replica_parallel_settings(tmp_path):
+  """On CPU the Checkpointer writes each replicated array from its first replica (Orbax's
+  replica-parallel default costs a compiled slice per shape there); checkpoints written either way,
+  e.g. before that choice, restore to the same arrays under the other."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("data",)),
+                                          jax.sharding.PartitionSpec())
+  params = jax.device_put(_params(0), replicated)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                          (params, _opt_state(params)))
+  workdir = _run_dir(tmp_path)
+  ckpt = checkpointing.Checkpointer(workdir, every_steps=10, keep=2, async_save=False)
+  assert not ocp.type_handlers.get_type_handler(jax.Array)._use_replica_parallel  # noqa: SLF001
+  try:
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=True), override=True)
+    ckpt.save(10, params, _opt_state(params))  # replica-parallel: each replica writes a slice
+  finally:
+    ckpt.close()
+  ckpt = checkpointing.Checkpointer(workdir, every_steps=10, keep=2, async_save=False)
+  ckpt.save(20, params, _opt_state(params))  # one replica per array
+  for step in (10, 20):
+    restored, _ = ckpt.restore(step, *abstract)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  ckpt.close()
+
+
 def test_checksums_do_not_depend_on_sharding():
   mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("a", "b"))
   x = jnp.arange(8 * 6, dtype=jnp.float32).reshape(8, 6) * 0.37
