@@ -13,8 +13,8 @@ the last step; -1 switched off (the evaluator is not even built). Every evaluato
 last step.
 
 Every evaluation writes its numbers (results.json, results.md, settings.csv, per_query.npz; the
-scalars also go to TensorBoard); the trainer asks for the plots (grid_map.png, rank_distance.png)
-at the last step only: a plot of an intermediate step is rarely looked at, and matplotlib costs
+scalars also go to TensorBoard); the trainer asks for the plots (grid_map.png and
+rank_distance.png, MKQA's recall plot) at the last step only: a plot of an intermediate step is rarely looked at, and matplotlib costs
 ~0.3 s of CPU per evaluation even of the tests' small runs (`python -m hybrid_jax.evaluate
 --workdir=DIR --step=N` draws them for any checkpoint).
 
