@@ -408,7 +408,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
       busy_started = time.time()
       last.update(_validate_and_keep_best(validation, checkpointer, state, 0))
       if due := evaluation.due(0, train.num_steps, start_step):
-        evaluation.run(due, 0, host_params(), writer, plots=train.num_steps == 0)
+        evaluation.run(due, 0, host_params(), writer)
       throughput.exclude(time.time() - busy_started)  # not part of the first interval's steps/s
     history = []
     while step < train.num_steps:
@@ -427,7 +427,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
         last.update(_validate_and_keep_best(validation, checkpointer, state, step))
       checkpointer.save(step, state.params, state.opt_state, force=(step == train.num_steps))
       if due := evaluation.due(step, train.num_steps, start_step):
-        evaluation.run(due, step, host_params(), writer, plots=step == train.num_steps)
+        evaluation.run(due, step, host_params(), writer)
       throughput.exclude(time.time() - busy_started)
 
       if step < train.num_steps and guard.should_stop(step):

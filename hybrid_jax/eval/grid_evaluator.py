@@ -226,19 +226,17 @@ class GridEvaluator:
   def evaluate(self, embed_fn: EmbedFn, output_dir: str | None = None, *,
                passage_embed_fn: EmbedFn | None = None, cache_dir: str | None = None,
                cache_key: Mapping | None = None, header_lines: Sequence[str] = (),
-               meta: dict | None = None, plots: bool = True) -> dict:
-    """Encodes, scores and (with `output_dir`) writes every report file, the plots only with
-    `plots`. Returns the results."""
+               meta: dict | None = None) -> dict:
+    """Encodes, scores and (with `output_dir`) writes every report file. Returns the results."""
     q_emb, c_emb = self.embed(embed_fn, cache_dir, cache_key, passage_embed_fn)
-    return self.evaluate_embeddings(q_emb, c_emb, output_dir, header_lines=header_lines, meta=meta,
-                                    plots=plots)
+    return self.evaluate_embeddings(q_emb, c_emb, output_dir, header_lines=header_lines, meta=meta)
 
   def evaluate_embeddings(self, query_emb: np.ndarray, candidate_emb: np.ndarray,
                           output_dir: str | None = None, *, header_lines: Sequence[str] = (),
-                          meta: dict | None = None, plots: bool = True) -> dict:
+                          meta: dict | None = None) -> dict:
     per_query, results = self.score(query_emb, candidate_emb)
     if output_dir:
-      self.write_reports(output_dir, per_query, results, header_lines, meta, plots=plots)
+      self.write_reports(output_dir, per_query, results, header_lines, meta)
     return results
 
   # --- what the evaluate command line calls (search/corpus_eval.py has the same methods) --------
@@ -253,10 +251,8 @@ class GridEvaluator:
     embeddings_io.save(directory, "candidates", self.collection.candidate_uids, candidate_emb)
 
   def write_reports(self, output_dir: str, per_query: metrics_lib.PerQueryMetrics, results: dict,
-                    header_lines: Sequence[str] = (), meta: dict | None = None,
-                    plots: bool = True) -> list[str]:
-    return report.write_all(output_dir, self.collection, per_query, results, header_lines, meta,
-                            plots=plots)
+                    header_lines: Sequence[str] = (), meta: dict | None = None) -> list[str]:
+    return report.write_all(output_dir, self.collection, per_query, results, header_lines, meta)
 
   def summary_table(self, results: dict) -> str:
     return report.summary_table(results)

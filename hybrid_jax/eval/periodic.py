@@ -12,12 +12,6 @@ but not again at the step a resumed run starts from (it was scored before the re
 the last step; -1 switched off (the evaluator is not even built). Every evaluator runs at the
 last step.
 
-Every evaluation writes its numbers (results.json, results.md, settings.csv, per_query.npz; the
-scalars also go to TensorBoard); the trainer asks for the plots (grid_map.png and
-rank_distance.png, MKQA's recall plot) at the last step only: a plot of an intermediate step is rarely looked at, and matplotlib costs
-~0.3 s of CPU per evaluation even of the tests' small runs (`python -m hybrid_jax.evaluate
---workdir=DIR --step=N` draws them for any checkpoint).
-
 The evaluators are built, and their collections read, in the constructor, so a bad path fails
 before hours of training rather than after. Their text embedders are kept in a small process-wide
 cache keyed by (encoder config, tokenizer, max length, batch size) and get each run's parameters
@@ -134,12 +128,10 @@ class PeriodicEvaluation:
         names.append(name)
     return names
 
-  def run(self, names: Sequence[str], step: int, encoder_params_host, writer,
-          plots: bool = True) -> None:
+  def run(self, names: Sequence[str], step: int, encoder_params_host, writer) -> None:
     """Scores the named evaluators with these parameters: results to `self.results`, scalars
     "eval/<name>/<summary>/<metric>" to `writer.write_scalars(step, ...)`, report files to
-    <workdir>/eval/<name>-step<step> (process 0, local workdirs only; the PNGs only with
-    `plots`), one log line each."""
+    <workdir>/eval/<name>-step<step> (process 0, local workdirs only), one log line each."""
     query_embedder, passage_embedder = self.embedders(encoder_params_host)
     embed_queries, embed_passages = inference.embed_fns(query_embedder, passage_embedder)
     for name in names:
@@ -149,8 +141,7 @@ class PeriodicEvaluation:
         output_dir = os.path.join(self.workdir, "eval", f"{name}-step{step}")
       started = time.time()
       results = evaluator.evaluate(embed_queries, output_dir, passage_embed_fn=embed_passages,
-                                   header_lines=[f"Training run {self.workdir}, step {step}."],
-                                   plots=plots)
+                                   header_lines=[f"Training run {self.workdir}, step {step}."])
       self.results[name] = results
       writer.write_scalars(step, evaluators_lib.scalar_metrics(results, prefix=f"eval/{name}"))
       self.log(f"eval {name} at step {step} ({time.time() - started:.1f}s): mAP "

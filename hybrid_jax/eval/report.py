@@ -287,17 +287,15 @@ def plot_rank_distance(out_dir: str, results: dict, title: str = "") -> str | No
 
 def write_all(out_dir: str, collection: collection_lib.Collection,
               per_query: metrics_lib.PerQueryMetrics, results: dict,
-              header_lines: Sequence[str] = (), meta: dict | None = None,
-              plots: bool = True) -> list[str]:
-  """Every output file of one evaluation (the two PNGs only with `plots`); returns their paths."""
+              header_lines: Sequence[str] = (), meta: dict | None = None) -> list[str]:
+  """Every output file of one evaluation; returns their paths."""
   os.makedirs(out_dir, exist_ok=True)
   written = [write_results_json(out_dir, results, meta),
              write_markdown(out_dir, results, header_lines),
              write_settings_csv(out_dir, results),
-             write_per_query(out_dir, collection, per_query)]
-  if plots:
-    written.append(plot_grid(out_dir, results))
-    rank_png = plot_rank_distance(out_dir, results)
-    if rank_png:
-      written.append(rank_png)
+             write_per_query(out_dir, collection, per_query),
+             plot_grid(out_dir, results)]
+  rank_png = plot_rank_distance(out_dir, results)
+  if rank_png:
+    written.append(rank_png)
   return written

@@ -343,10 +343,9 @@ class CorpusEvaluator:
     return report.summary_table(results)
 
   def write_reports(self, output_dir: str, per_query, results: dict,
-                    header_lines: Sequence[str] = (), meta: dict | None = None,
-                    plots: bool = True) -> list[str]:
+                    header_lines: Sequence[str] = (), meta: dict | None = None) -> list[str]:
     written = report.write_all(output_dir, self.collection, per_query, results, header_lines,
-                               meta, plots=plots)
+                               meta)
     if self.last_run is not None:
       query_uids, doc_ids, indices, scores = self.last_run
       written.append(trec.write_run(os.path.join(output_dir, RUN_FILE), query_uids, doc_ids,
@@ -356,24 +355,23 @@ class CorpusEvaluator:
   def evaluate(self, embed_fn: EmbedFn, output_dir: str | None = None, *,
                passage_embed_fn: EmbedFn | None = None, cache_dir: str | None = None,
                cache_key: Mapping | None = None, header_lines: Sequence[str] = (),
-               meta: dict | None = None, plots: bool = True) -> dict:
+               meta: dict | None = None) -> dict:
     """Encodes, searches, scores and (with `output_dir`) writes every report file."""
     self._temporary_stores = []
     try:
       query_emb, corpus = self.embed(embed_fn, cache_dir, cache_key, passage_embed_fn)
       return self.evaluate_embeddings(query_emb, corpus, output_dir, header_lines=header_lines,
-                                      meta=meta, plots=plots)
+                                      meta=meta)
     finally:
       for directory in self._temporary_stores:
         shutil.rmtree(directory, ignore_errors=True)
       self._temporary_stores = []
 
   def evaluate_embeddings(self, query_emb: np.ndarray, corpus, output_dir: str | None = None, *,
-                          header_lines: Sequence[str] = (), meta: dict | None = None,
-                          plots: bool = True) -> dict:
+                          header_lines: Sequence[str] = (), meta: dict | None = None) -> dict:
     per_query, results = self.score(query_emb, corpus)
     if output_dir:
-      self.write_reports(output_dir, per_query, results, header_lines, meta, plots=plots)
+      self.write_reports(output_dir, per_query, results, header_lines, meta)
     return results
 
 

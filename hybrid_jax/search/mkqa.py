@@ -294,8 +294,7 @@ class MkqaEvaluator(corpus_eval.CorpusEvaluator):
     return "\n".join(lines)
 
   def write_reports(self, output_dir: str, per_query, results: dict,
-                    header_lines: Sequence[str] = (), meta: dict | None = None,
-                    plots: bool = True) -> list[str]:
+                    header_lines: Sequence[str] = (), meta: dict | None = None) -> list[str]:
     os.makedirs(output_dir, exist_ok=True)
     written = [report.write_results_json(output_dir, results, meta),
                report.write_settings_csv(output_dir, results),
@@ -310,9 +309,7 @@ class MkqaEvaluator(corpus_eval.CorpusEvaluator):
     path = os.path.join(output_dir, report.RESULTS_MD)
     with open(path, "w", encoding="utf-8") as f:
       f.write("\n".join(lines))
-    written.append(path)
-    if plots:
-      written.append(_plot_recall(output_dir, results))
+    written += [path, _plot_recall(output_dir, results)]
     query_uids, doc_ids, indices, scores = self.last_run
     written.append(trec.write_run(os.path.join(output_dir, corpus_eval.RUN_FILE), query_uids,
                                   doc_ids, indices, scores, depth=self.trec_depth))

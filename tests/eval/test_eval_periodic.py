@@ -73,7 +73,7 @@ def test_periodic_evaluation_on_the_synthetic_test_ids(tmp_path, capsys):
   assert evaluation.due(0, 30, 0) == evaluation.due(0, 30, 20) == ["every10"]
 
   writer = FakeWriter()
-  evaluation.run(["every10"], 0, params_a, writer, plots=False)  # as the trainer before the end
+  evaluation.run(["every10"], 0, params_a, writer)
   ((step, scalars),) = writer.scalars
   results = evaluation.results["every10"]
   assert step == 0 and set(evaluation.results) == {"every10"}
@@ -82,8 +82,6 @@ def test_periodic_evaluation_on_the_synthetic_test_ids(tmp_path, capsys):
   assert {"eval/every10/cross_lingual/map", "eval/every10/multilingual/map"} <= set(scalars)
   with open(tmp_path / "eval" / "every10-step0" / "results.json", encoding="utf-8") as f:
     assert json.load(f)["summary"] == results["summary"]
-  assert sorted(os.listdir(tmp_path / "eval" / "every10-step0")) == [
-      "per_query.npz", "results.json", "results.md", "settings.csv"]
   (line,) = logged
   assert line.startswith("eval every10 at step 0 (") and "monolingual" in line
   assert "embedded" not in capsys.readouterr().err  # the evaluators print no progress lines
@@ -108,5 +106,3 @@ def test_periodic_evaluation_on_the_synthetic_test_ids(tmp_path, capsys):
   assert [s for s, _ in writer.scalars] == [0, 30, 30]
   assert set(evaluation.results) == {"every10", "at_end", "own"}
   assert os.path.isfile(tmp_path / "eval" / "own-step30" / "results.json")
-  for name in ("grid_map.png", "rank_distance.png"):  # the last step's evaluation has the plots
-    assert os.path.isfile(tmp_path / "eval" / "own-step30" / name), name
